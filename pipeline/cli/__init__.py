@@ -1,0 +1,1 @@
+"""The `quantforge` command line: one module per command, each owning its typer app."""

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.cli.common import ArtifactsDir, RecipeArg, exits, log
+
+app = typer.Typer()
+
+
+@app.command()
+def build(
+    recipe: Path = RecipeArg,
+    target: list[str] = typer.Option(None, "--target", "-t", help="Only these targets (repeatable), e.g. for one CI job per target."),
+    artifacts_dir: Path = ArtifactsDir,
+) -> None:
+    """Build artifacts (cached: unchanged stages are not rebuilt) and write report.json."""
+    from pipeline.workflow import run_build
+
+    with exits():
+        raise typer.Exit(run_build(recipe, artifacts_dir, target or None, log=log))

@@ -1,0 +1,38 @@
+"""Options shared by commands, and the one place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import typer
+from rich.console import Console
+
+from pipeline.errors import EXIT_INVALID_INPUT, QuantforgeError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+RecipeArg = typer.Argument(..., help="Path to the recipe YAML.", show_default=False)
+ArtifactsDir = typer.Option(Path(os.environ.get("QUANTFORGE_ARTIFACTS", "artifacts")), "--artifacts-dir", help="Where the store, reports and the local MLflow store live.")
+TrackingUri = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store under the artifacts dir).")
+
+
+@contextmanager
+def exits() -> Iterator[None]:
+    """Print a QuantforgeError the way users should see it and exit with its code."""
+    try:
+        yield
+    except QuantforgeError as exc:
+        label = "invalid input" if exc.exit_code == EXIT_INVALID_INPUT else "error"
+        for line in str(exc).splitlines() or [label]:
+            err_console.print(f"[red]{label}:[/red] {line}", markup=True, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def log(msg: str) -> None:
+    console.print(msg, markup=False, soft_wrap=True)
+    sys.stdout.flush()

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from pipeline.cli.common import ArtifactsDir, RecipeArg, exits, log
+
+app = typer.Typer()
+
+
+@app.command(name="eval")
+def eval_(
+    recipe: Path = RecipeArg,
+    device: str = typer.Option("auto", "--device", "-d", help="cpu, cuda, a GPU class from the recipe, or auto (every device present; others pending)."),
+    fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 3 when an artifact fails its gates."),
+    artifacts_dir: Path = ArtifactsDir,
+) -> None:
+    """Evaluate the source and every built artifact on a device; decide gates."""
+    from pipeline.workflow import run_eval
+
+    with exits():
+        raise typer.Exit(run_eval(recipe, artifacts_dir, device, fail_on_gate, log=log))

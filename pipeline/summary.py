@@ -1,0 +1,44 @@
+"""Terminal tables for plan and build (eval tables live in evals.present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def plan_table(rows) -> Table:
+    table = Table(title="plan", show_lines=False)
+    for col in ("stage", "kind", "key", "status", "what"):
+        table.add_column(col, overflow="fold")
+    for stage, key, status in rows:
+        style = "green" if status == "hit" else "yellow" if status == "miss" else "dim"
+        table.add_row(stage.name, stage.kind, key[:12], f"[{style}]{status}[/{style}]", stage.description)
+    return table
+
+
+def print_build_summary(report, results, path: Path) -> None:
+    console = Console(highlight=False)
+    counts: dict[str, int] = {}
+    for r in results.values():
+        counts[r.status] = counts.get(r.status, 0) + 1
+    table = Table(title=f"build: {report.recipe}")
+    for col in ("artifact", "kind", "status", "size", "seconds", "note"):
+        table.add_column(col, overflow="fold")
+    for a in report.artifacts:
+        style = {"built": "green", "failed": "red", "skipped": "yellow"}.get(a.status, "dim")
+        secs = f"{a.build_seconds:.1f}" if a.build_seconds is not None else "-"
+        table.add_row(a.name, a.kind, f"[{style}]{a.status}[/{style}]", human_bytes(a.bytes), secs, a.reason or a.format)
+    console.print(table)
+    console.print("stages: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"   report: {path}")

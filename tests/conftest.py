@@ -1,0 +1,69 @@
+"""Shared fixtures: the trained mini demo model (cached across runs) and helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Trained once per machine and reused: the store keys it by corpus, variant and tool versions.
+CACHE_ARTIFACTS = REPO / ".pytest_cache" / "quantforge" / "artifacts"
+
+# One thread: on 2 cores with anything else running, more threads made torch and llama.cpp much slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("QUANTFORGE_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _mini_recipe_text(extra_targets: str = "") -> str:
+    return f"""
+name: mini
+source: {{model: builtin:tiny-llama-mini, dtype: bfloat16}}
+calibration: {{dataset: builtin, samples: 16, seq_len: 128}}
+targets:
+  - {{name: fp8, kind: fp8, scheme: dynamic}}
+{extra_targets}
+evals: {{devices: [cpu], max_windows: 4, context: 128}}
+"""
+
+
+@pytest.fixture(scope="session")
+def mini_model() -> Path:
+    """A trained tiny-llama-mini HF folder (built through the real source stage, cached)."""
+    from pipeline.build import execute
+    from pipeline.recipe import load_recipe
+    from pipeline.source import source_stage
+
+    CACHE_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    recipe = CACHE_ARTIFACTS.parent / "mini-source.yaml"
+    recipe.write_text(_mini_recipe_text())
+    stage = source_stage(load_recipe(recipe))
+    result = execute([stage], CACHE_ARTIFACTS, log=lambda m: None)["source"]
+    assert result.output is not None, result.reason
+    return result.output.model_dir
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> str:
+    from pipeline.demo.corpus import corpus_text
+
+    return corpus_text("heldout")
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Write a recipe YAML into tmp_path and return its path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(text)
+        return p
+
+    return write
+
+
+@pytest.fixture
+def mini_recipe_text():
+    return _mini_recipe_text
