@@ -57,13 +57,22 @@ def plan_status(plan: Plan, artifacts_dir: Path, targets: list[str] | None = Non
     return rows
 
 
-def execute(stages: list[Stage], artifacts_dir: Path, log: Log = print, keys: dict[str, str] | None = None, logs_dir: Path | None = None) -> dict[str, StageResult]:
+def execute(
+    stages: list[Stage],
+    artifacts_dir: Path,
+    log: Log = print,
+    keys: dict[str, str] | None = None,
+    logs_dir: Path | None = None,
+    progress: Callable[[StageResult], None] | None = None,
+) -> dict[str, StageResult]:
     store = Store(artifacts_dir)
     store.clean_stale_tmp()
     keys = keys or stage_keys(stages)
     results: dict[str, StageResult] = {}
     for stage in stages:
         results[stage.name] = _run_one(stage, keys, results, store, Path(artifacts_dir), log, logs_dir)
+        if progress:
+            progress(results[stage.name])
     return results
 
 
@@ -138,14 +147,18 @@ def _stage_logger(stage: Stage, log: Log, logs_dir: Path | None) -> Log:
 
 
 # ------------------------------------------------------------------ build command
-def build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None = None, log: Log = print):
-    """Build the recipe's targets (or some of them) and merge the results into report.json."""
+def build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None = None, log: Log = print, progress=None):
+    """Build the recipe's targets (or some of them) and merge the results into report.json.
+
+    `progress(total)` may return a per-stage callback (the CLI's progress bar).
+    """
     artifacts_dir = Path(artifacts_dir)
     plan = make_plan(loaded, artifacts_dir)
     stages = plan.select(targets)
     keys = stage_keys(plan.stages)
     recipe = loaded.recipe
-    results = execute(stages, artifacts_dir, log=log, keys=keys, logs_dir=artifacts_dir / recipe.name / "logs")
+    on_stage = progress(len(stages)) if progress else None
+    results = execute(stages, artifacts_dir, log=log, keys=keys, logs_dir=artifacts_dir / recipe.name / "logs", progress=on_stage)
     return write_build_report(loaded, artifacts_dir, plan, results), results
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -42,3 +44,22 @@ def print_build_summary(report, results, path: Path) -> None:
         table.add_row(a.name, a.kind, f"[{style}]{a.status}[/{style}]", human_bytes(a.bytes), secs, a.reason or a.format)
     console.print(table)
     console.print("stages: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"   report: {path}")
+
+
+@contextlib.contextmanager
+def stage_progress():
+    """A progress bar over the plan's stages on a terminal; nothing when output is piped (CI logs)."""
+    if not sys.stdout.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]build"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"), transient=True) as bar:
+        task = None
+
+        def start(total: int):
+            nonlocal task
+            task = bar.add_task("", total=total)
+            return lambda result: bar.update(task, advance=1, description=f"{result.stage.name}: {result.status}")
+
+        yield start

@@ -40,8 +40,11 @@ def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None,
     from pipeline.build import build
     from pipeline.summary import print_build_summary
 
+    from pipeline.summary import stage_progress
+
     loaded = load_recipe(recipe_path)
-    report, results = build(loaded, artifacts_dir, targets, log=log)
+    with stage_progress() as progress:
+        report, results = build(loaded, artifacts_dir, targets, log=log, progress=progress)
     print_build_summary(report, results, report_path(artifacts_dir, loaded.recipe.name))
     return EXIT_STAGE_FAILED if any(r.status == "failed" for r in results.values()) else EXIT_OK
 
