@@ -8,7 +8,9 @@ What it writes, for a report of recipe ``demo``::
 
     experiment "demo"
       parent run   one per build: tags quantforge.recipe_sha256 + quantforge.source_fingerprint,
-                   params = the flattened recipe, metrics = the source model's baseline per device
+                   params = the flattened recipe, metrics = the source model's baseline per device,
+                   artifact quantforge/report.json = the MERGE of every report registered into
+                   this run (several build jobs, each with its own targets; eval jobs per device)
         child run  one per artifact: tag quantforge.content_sha256, metrics "<device>.<metric>",
                    artifacts: artifact/ (the files, or a reference above upload_max_mb),
                    quantforge/report_excerpt.json, plots/*.png
@@ -25,6 +27,11 @@ registry never points at missing or different files.
 Everything is looked up before it is created, so re-running with an unchanged
 report creates no runs, uploads or versions, and a report with new device results
 only adds metrics and tags and re-decides promotion.
+
+``pull_report`` is the way back, for a CI job on another machine: it downloads the
+parent run's merged report.json and every registered version's files into the local
+store (verified against the manifest, temp folder + rename), and merges the report
+into the local one. ``merge_reports`` is the one merge rule for both directions.
 """
 
 from __future__ import annotations
@@ -41,11 +48,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
-from pipeline.report import ArtifactReport, Report, read_report, updating
-from pipeline.store import MANIFEST, sha256_file
+from pipeline.report import ArtifactReport, Report, read_report, report_path as report_path_for, updating
+from pipeline.store import MANIFEST, Store, content_hash, file_table, sha256_file
 
 TAG_PREFIX = "quantforge."
 CANDIDATE_ALIAS = "candidate"
+REPORT_ARTIFACT = "quantforge/report.json"  # the merged report on the parent run
+REPORT_TAG = f"{TAG_PREFIX}report_sha256"  # digest of that file's content (less timestamps)
+#: facts about one machine's copy that pull writes into a local report; never uploaded
+LOCAL_NOTES = ("pulled", "pull_reason", "pulled_from")
 ARTIFACT_DIR = "artifact"  # the child run's folder that a model version's source points at
 # MLflow 3.17 limits (mlflow/utils/validation.py); values over them are rejected.
 MAX_PARAM_VALUE = 6000
@@ -87,6 +98,26 @@ def local_artifact_root(tracking_uri: str) -> Path | None:
 
 def _is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
+
+
+def _check_reachable(client) -> None:
+    """One cheap request with no retries and a short timeout; raises whatever the client raised."""
+    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES=CHECK_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT=CHECK_TIMEOUT_S):
+        client.search_experiments(max_results=1)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, requests.exceptions.ConnectionError) or (
+        isinstance(exc, MlflowException) and any(s in str(exc) for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "Failed to establish"))
+    )
 
 
 # --------------------------------------------------------------- helpers
@@ -236,6 +267,85 @@ def _recipe_config(report: Report) -> dict:
     raise InvalidInput(f"report for {report.recipe!r} has no recipe_config and its recipe_path {report.recipe_path!r} is not readable")
 
 
+# ------------------------------------------------------------- merging
+def _empty(value: Any) -> bool:
+    return value is None or value == "" or value == [] or value == {}
+
+
+def _merge_per_device(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Device -> entry: the newer entry wins per device, but a bare ``pending`` never replaces a result."""
+    out = dict(old)
+    for device, entry in new.items():
+        if isinstance(entry, dict) and entry.get("status") == "pending" and device in out and (out[device] or {}).get("status") != "pending":
+            continue
+        out[device] = entry
+    return out
+
+
+def _merge_artifact(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    if new.get("status") == "planned" and old.get("status") != "planned":
+        return old  # "planned" carries no facts
+    if not old.get("content_sha256") or old.get("content_sha256") != new.get("content_sha256"):
+        return new  # other bytes (or none): the old evals and registry describe something else
+    # Same content: the newer facts win, facts it lacks are kept, evals merge per device.
+    out = {**old, **{k: v for k, v in new.items() if not _empty(v)}}
+    out["evals"] = _merge_per_device(old.get("evals") or {}, new.get("evals") or {})
+    return out
+
+
+def merge_reports(old: Report | None, new: Report) -> Report:
+    """One report from an older and a newer view of the same build; neither argument is changed.
+
+    Artifacts merge by name: the newer entry wins, except that ``planned`` never replaces
+    an entry, and for the same content the evals merge per device (a bare ``pending``
+    never replaces a result) and empty fields keep the older value. ``baseline`` and
+    ``devices`` merge per device the same way, ``tools`` and ``stages`` by name; other
+    fields take the newer non-empty value. Reports of another recipe version (sha256) or
+    source model (fingerprint) do not merge: the newer one is returned.
+    """
+    if old is None:
+        return new.model_copy(deep=True)
+    o, n = old.model_dump(mode="json"), new.model_dump(mode="json")
+    o_fp, n_fp = (o.get("source") or {}).get("fingerprint"), (n.get("source") or {}).get("fingerprint")
+    if o["recipe"] != n["recipe"] or (o["recipe_sha256"] and n["recipe_sha256"] and o["recipe_sha256"] != n["recipe_sha256"]) or (o_fp and n_fp and o_fp != n_fp):
+        return new.model_copy(deep=True)
+    merged_keys = ("artifacts", "stages", "baseline", "devices", "tools")
+    out = {**o, **{k: v for k, v in n.items() if k not in merged_keys and not _empty(v)}}
+    out["tools"] = {**o["tools"], **n["tools"]}
+    out["baseline"] = _merge_per_device(o["baseline"], n["baseline"])
+    out["devices"] = _merge_per_device(o["devices"], n["devices"])
+    stages = {s["name"]: s for s in o["stages"]}
+    stages.update({s["name"]: s for s in n["stages"]})
+    out["stages"] = list(stages.values())
+    arts = {a["name"]: a for a in o["artifacts"]}
+    for a in n["artifacts"]:
+        arts[a["name"]] = _merge_artifact(arts[a["name"]], a) if a["name"] in arts else a
+    out["artifacts"] = list(arts.values())
+    return Report.model_validate(out)
+
+
+def report_digest(report: Report) -> str:
+    """sha256 of a report's content, less the times it was written and registered."""
+    data = report.model_dump(mode="json", exclude={"updated"})
+    data.get("registry", {}).pop("registered", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _download_report(client, run_id: str, log: Callable[[str], Any]) -> Report | None:
+    """The parent run's report.json, or None (logged) if it is missing or unreadable."""
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="qf-report-") as tmp:
+        try:
+            got = Path(client.download_artifacts(run_id, REPORT_ARTIFACT, tmp))
+            return Report.model_validate_json(got.read_text())
+        except (MlflowException, OSError, ValueError) as exc:
+            if _is_connection_error(exc):
+                raise
+            log(f"registry: run {run_id} has no readable {REPORT_ARTIFACT} ({_first_line(exc)})")
+            return None
+
+
 # ------------------------------------------------------------ the client
 class _Registrar:
     """One registration of one report; holds the client and what it has created."""
@@ -255,16 +365,14 @@ class _Registrar:
 
     # -- reachability
     def check_reachable(self) -> None:
-        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES=CHECK_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT=CHECK_TIMEOUT_S):
-            try:
-                self.client.search_experiments(max_results=1)
-            except Exception as exc:  # noqa: BLE001 - any failure here means "cannot register now"
-                raise self.unavailable(exc) from None
+        try:
+            _check_reachable(self.client)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "cannot register now"
+            raise self.unavailable(exc) from None
 
     def unavailable(self, exc: BaseException) -> RegistryUnavailable:
         recipe = self.report.recipe_path or self.report.recipe
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = text if len(text) <= 300 else text[:300] + "..."
+        first = _first_line(exc)
         return RegistryUnavailable(
             f"MLflow at {self.uri} is unreachable ({first}). Nothing was lost: the results stay on disk in "
             f"{self.report_path}; run `quantforge register {recipe}` to register them once it is up."
@@ -585,7 +693,12 @@ class _Registrar:
             self.counts["versions_created"] += 1
             self.log(f"register: {a.name}: created {name} version {mv.version}")
         have = mv.tags or {}
-        for k, v in self.version_tags(a, run, folder).items():
+        tags = self.version_tags(a, run, folder)
+        if str(mv.run_id) != run.info.run_id:
+            # An older version with the same content: its files are at its own source; this
+            # run's "same content as ..." note is not a reference to be copied onto it.
+            tags.pop("artifact_ref", None)
+        for k, v in tags.items():
             if have.get(k) != v:
                 self.client.set_model_version_tag(name, mv.version, k, v)
         return mv
@@ -624,6 +737,9 @@ class _Registrar:
         plots = sorted(p for p in self.report_path.parent.glob("*.png") if p.is_file())
         self._log_plots(parent, plots)
         for a in self.report.artifacts:
+            if (a.model_extra or {}).get("pulled") is False:
+                self.log(f"register: {a.name}: not on this machine ({(a.model_extra or {}).get('pull_reason') or 'not pulled'}); its registration stays as it is")
+                continue
             if a.status != "built" or not a.content_sha256 or not a.path:
                 self.log(f"register: {a.name}: skipped (status {a.status})")
                 continue
@@ -655,12 +771,44 @@ class _Registrar:
                 "name": name, "version": str(mv.version), "run_id": run.info.run_id, "aliases": aliases,
                 "uri": f"models:/{name}/{mv.version}", "content_sha256": a.content_sha256,
             }
+        self._log_report(exp_id, parent, results)
         if parent.info.status == "RUNNING":
             self.client.set_terminated(parent.info.run_id, "FAILED" if failures else "FINISHED")
         self.experiment = exp_id
         self.parent_id = parent.info.run_id
         self.failures = failures
         return results
+
+    def _log_report(self, experiment_id: str, parent, results: dict[str, dict]) -> None:
+        """Merge this report into the parent run's report.json; upload only when the merge changed it.
+
+        The report uploaded says where each artifact was registered (artifact.registry), which
+        is what ``pull_report`` follows. Read-merge-write is not atomic across machines: two jobs
+        registering the same build in the same second can lose one part (re-registering repairs it).
+        """
+        mine = self.report.model_copy(deep=True)
+        for a in mine.artifacts:
+            for note in LOCAL_NOTES:
+                (a.model_extra or {}).pop(note, None)
+            res = results.get(a.name)
+            if res and a.content_sha256 == res["content_sha256"]:
+                a.registry = {k: v for k, v in res.items() if k != "content_sha256"}
+        mine.registry = {"tracking_uri": self.uri, "experiment_id": experiment_id, "experiment_name": mine.recipe, "parent_run_id": parent.info.run_id}
+        parent = self._refresh(parent)  # another job may have merged its part since this run was read
+        remote = None
+        if parent.data.tags.get(REPORT_TAG):
+            remote = _download_report(self.client, parent.info.run_id, self.log)
+        merged = merge_reports(remote, mine)
+        digest = report_digest(merged)
+        if parent.data.tags.get(REPORT_TAG) == digest:
+            return
+        merged.registry["registered"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with tempfile.TemporaryDirectory(prefix="qf-report-") as tmp:
+            f = Path(tmp) / Path(REPORT_ARTIFACT).name
+            f.write_text(json.dumps(merged.model_dump(mode="json"), indent=2, default=str))
+            self.client.log_artifact(parent.info.run_id, str(f), str(Path(REPORT_ARTIFACT).parent))
+        self._sync_tags(parent, {REPORT_TAG: digest})
+        self.log(f"register: merged report.json on build run {parent.info.run_id}: {', '.join(a.name for a in merged.artifacts if a.registry) or 'no'} artifact(s) registered so far")
 
     def _log_plots(self, run, plots: list[Path]) -> None:
         if not plots:
@@ -700,8 +848,6 @@ def register_report(report_path: Path, tracking_uri: str | None = None, log: Cal
     StageFailed if an upload did not come back identical (that artifact gets no version;
     the others are registered and recorded).
     """
-    from mlflow.exceptions import MlflowException
-
     report_path = Path(report_path).resolve()
     report = read_report(report_path)
     if report is None:
@@ -716,11 +862,7 @@ def register_report(report_path: Path, tracking_uri: str | None = None, log: Cal
     except RegistryUnavailable:
         raise
     except Exception as exc:
-        import requests
-
-        if isinstance(exc, requests.exceptions.ConnectionError) or (
-            isinstance(exc, MlflowException) and any(s in str(exc) for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "Failed to establish"))
-        ):
+        if _is_connection_error(exc):
             raise reg.unavailable(exc) from exc
         raise
     with updating(report_path, report.recipe) as rep:
@@ -741,3 +883,216 @@ def register_report(report_path: Path, tracking_uri: str | None = None, log: Cal
     if reg.failures:
         raise StageFailed("registration incomplete:\n" + "\n".join(reg.failures))
     return final
+
+
+# ------------------------------------------------------------------ pull
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
+def _note(a: ArtifactReport, pulled: bool, reason: str | None = None, source: str | None = None) -> None:
+    a.pulled = pulled  # extra fields: ArtifactReport keeps unknown keys
+    a.pull_reason = reason
+    a.pulled_from = source
+
+
+def _sizes_match(folder: Path, manifest: dict) -> bool:
+    """The store's own trust rule (a manifest is written last), plus every file present at its size."""
+    try:
+        return all((folder / row["path"]).stat().st_size == row["bytes"] for row in manifest["files"])
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def _tree_problems(root: Path, manifest: dict, content_sha256: str | None) -> list[str]:
+    """What differs between a downloaded folder and its manifest (and the report's content hash)."""
+    problems = []
+    rows = manifest.get("files") or []
+    expected = {row["path"]: row for row in rows}
+    got = {row["path"]: row for row in file_table(root)}
+    for rel, row in expected.items():
+        if rel not in got:
+            problems.append(f"{rel} missing")
+        elif got[rel]["sha256"] != row["sha256"] or got[rel]["bytes"] != row["bytes"]:
+            problems.append(f"{rel} sha256 differs from the manifest")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        problems.append(f"unexpected files {extra[:5]}")
+    if content_hash(rows) != manifest.get("content_sha256"):
+        problems.append("the manifest's file table does not hash to its content_sha256")
+    if content_sha256 and manifest.get("content_sha256") != content_sha256:
+        problems.append(f"manifest content_sha256 {str(manifest.get('content_sha256'))[:12]} is not the report's {content_sha256[:12]}")
+    for field in ("kind", "key"):
+        if not _SAFE_NAME.match(str(manifest.get(field) or "")):
+            problems.append(f"manifest {field} {manifest.get(field)!r} is not a store name")
+    return problems
+
+
+class _Puller:
+    def __init__(self, recipe: str, artifacts_dir: Path, tracking_uri: str, recipe_sha256: str | None, log: Callable[[str], Any]):
+        from mlflow.tracking import MlflowClient
+
+        self.recipe, self.dir, self.uri, self.sha, self.log = recipe, artifacts_dir, tracking_uri, recipe_sha256, log
+        self.store = Store(artifacts_dir)
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self.counts = {"downloaded": 0, "present": 0, "not_pulled": 0, "bytes": 0}
+        self.failures: list[str] = []
+
+    def unavailable(self, exc: BaseException) -> RegistryUnavailable:
+        return RegistryUnavailable(f"MLflow at {self.uri} is unreachable ({_first_line(exc)}). Nothing was pulled; run `quantforge pull` again once it is up.")
+
+    def parent_run(self):
+        from mlflow.entities import LifecycleStage
+
+        exp = self.client.get_experiment_by_name(self.recipe)
+        if exp is None or exp.lifecycle_stage == LifecycleStage.DELETED:
+            names = sorted(e.name for e in self.client.search_experiments(max_results=100) if e.name != "Default")
+            raise InvalidInput(f"nothing registered for recipe {self.recipe!r} in {self.uri} (no experiment of that name; "
+                               f"experiments there: {', '.join(names) or 'none'}). Register a build of it first: `quantforge register RECIPE`.")
+        filt = f"tags.`{TAG_PREFIX}role` = 'build'"
+        if self.sha:
+            filt += f" and tags.`{TAG_PREFIX}recipe_sha256` = {_quote(self.sha)}"
+        runs = self.client.search_runs([exp.experiment_id], filter_string=filt, max_results=100, order_by=["attributes.start_time DESC"])
+        with_report = [r for r in runs if r.data.tags.get(REPORT_TAG)]
+        if with_report:
+            return with_report[0]
+        if self.sha:
+            others = self.client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_PREFIX}role` = 'build'", max_results=10, order_by=["attributes.start_time DESC"])
+            shas = [r.data.tags.get(f"{TAG_PREFIX}recipe_sha256", "?")[:12] for r in others]
+            raise InvalidInput(f"no build of recipe {self.recipe!r} with recipe sha256 {self.sha[:12]} is registered in {self.uri} "
+                               f"(registered builds: {', '.join(shas) or 'none'}): the recipe changed since, or its build job has not registered yet")
+        raise InvalidInput(f"recipe {self.recipe!r} in {self.uri} has no build run with a {REPORT_ARTIFACT} (registered by an older quantforge?): run `quantforge register` for it again")
+
+    def run(self) -> Path:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _check_reachable(self.client)
+        except Exception as exc:  # noqa: BLE001 - any failure here means "cannot pull now"
+            raise self.unavailable(exc) from None
+        parent = self.parent_run()
+        remote = _download_report(self.client, parent.info.run_id, self.log)
+        if remote is None:
+            raise StageFailed(f"build run {parent.info.run_id} of {self.recipe!r} in {self.uri}: {REPORT_ARTIFACT} could not be read")
+        self.log(f"pull: {self.recipe}: build run {parent.info.run_id} (recipe sha256 {remote.recipe_sha256[:12]})")
+        for a in remote.artifacts:
+            if a.status != "built":
+                continue
+            if not a.registry.get("name") or not a.registry.get("version"):
+                self.not_pulled(a, "built but not registered (its registration failed or has not run)")
+                continue
+            try:
+                self.pull_one(a)
+            except StageFailed as exc:
+                self.failures.append(str(exc))
+                self.not_pulled(a, str(exc), quiet=True)
+            except MlflowException as exc:  # e.g. the version was deleted since
+                if _is_connection_error(exc):
+                    raise
+                self.failures.append(f"{a.name}: models:/{a.registry['name']}/{a.registry['version']}: {_first_line(exc)}")
+                self.not_pulled(a, self.failures[-1], quiet=True)
+        rpath = report_path_for(self.dir, self.recipe)
+        with updating(rpath, self.recipe) as rep:
+            merged = merge_reports(rep, remote)
+            for field in type(merged).model_fields:
+                setattr(rep, field, getattr(merged, field))
+            for k, v in (merged.model_extra or {}).items():
+                setattr(rep, k, v)
+        c = self.counts
+        self.log(f"pull: {c['downloaded']} artifact(s) downloaded ({c['bytes'] / 2**20:.2f} MB), {c['present']} already in the store, "
+                 f"{c['not_pulled']} not pulled; report {rpath}")
+        if self.failures:
+            raise StageFailed("pull incomplete:\n" + "\n".join(self.failures))
+        return rpath
+
+    def not_pulled(self, a: ArtifactReport, reason: str, quiet: bool = False) -> None:
+        # No local folder: path None makes eval and register pass it by (the merge keeps the
+        # build machine's path in the registry's report).
+        a.path = None
+        _note(a, False, reason, a.registry.get("uri"))
+        self.counts["not_pulled"] += 1
+        if not quiet:
+            self.log(f"pull: {a.name}: NOT PULLED: {reason}")
+
+    def pull_one(self, a: ArtifactReport) -> None:
+        import mlflow.artifacts
+
+        uri = f"models:/{a.registry['name']}/{a.registry['version']}"
+        # Already here? The report's path ends in <kind>/<key[:24]> and stage_key is the key: no request needed.
+        if a.path and a.stage_key:
+            kind = Path(a.path).parent.name
+            have = self.store.get(kind, a.stage_key) if _SAFE_NAME.match(kind) else None
+            folder = self.store.path_for(kind, a.stage_key)
+            if have and have.get("content_sha256") == a.content_sha256 and _sizes_match(folder, have):
+                a.path = str(folder)
+                _note(a, True, source=uri)
+                self.counts["present"] += 1
+                self.log(f"pull: {a.name}: already in the store at {folder}")
+                return
+        mv = self.client.get_model_version(a.registry["name"], str(a.registry["version"]))
+        listing = mlflow.artifacts.list_artifacts(artifact_uri=mv.source, tracking_uri=self.uri)
+        if any(Path(f.path).name == "ARTIFACT_REF.json" for f in listing):
+            where = (mv.tags or {}).get("artifact_ref") or "see ARTIFACT_REF.json in the version's files"
+            self.not_pulled(a, f"registered by reference only (above registry.upload_max_mb), its files were not uploaded: {where}")
+            return
+        tmp = self.store.new_tmp("pull", a.content_sha256 or a.name)
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=self.uri))
+            try:
+                manifest = json.loads((got / MANIFEST).read_text())
+            except (OSError, ValueError) as exc:
+                raise StageFailed(f"{a.name}: {uri} has no readable {MANIFEST} ({_first_line(exc)}); nothing was pulled for it") from None
+            problems = _tree_problems(got, manifest, a.content_sha256)
+            if problems:
+                raise StageFailed(f"{a.name}: the files of {uri} ({mv.source}) do not match their manifest: " + "; ".join(problems[:10]) + "; nothing was pulled for it")
+            kind, key = manifest["kind"], manifest["key"]
+            final = self.store.path_for(kind, key)
+            with self.store.lock(key):
+                have = self.store.get(kind, key)
+                if have and have.get("content_sha256") == manifest["content_sha256"] and _sizes_match(final, have):
+                    self.counts["present"] += 1  # another pull (or the build) put it there meanwhile
+                else:
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    if final.exists():
+                        # A leftover, or another build of the same key: the registered bytes replace it.
+                        self.log(f"pull: {a.name}: replacing {final} ({'content ' + str(have.get('content_sha256'))[:12] if have else 'no valid manifest'}) with the registered content")
+                        os.rename(final, tmp / "replaced")
+                    os.rename(got, final)
+                    self.counts["downloaded"] += 1
+                    self.counts["bytes"] += int(manifest.get("bytes") or 0)
+                    self.log(f"pull: {a.name}: {uri} -> {final} ({len(manifest['files'])} files verified against the manifest)")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        a.path = str(final)
+        _note(a, True, source=uri)
+
+
+def pull_report(recipe_name: str, artifacts_dir: Path, tracking_uri: str | None = None, recipe_sha256: str | None = None,
+                log: Callable[[str], Any] = print) -> Path:
+    """Bring a registered build to this machine: the merged report.json and the registered files.
+
+    Finds experiment ``recipe_name`` and its newest build run (with ``recipe_sha256``, if
+    given), downloads its report.json, then every built and registered artifact's version
+    files into ``<artifacts_dir>/store/<kind>/<key[:24]>/`` (kind and key from the manifest;
+    every file's sha256 checked; temp folder under ``store/.tmp`` renamed into place), and
+    merges the report into ``<artifacts_dir>/<recipe>/report.json`` with local paths.
+    Artifacts already in the store are not downloaded again. Artifacts registered by reference
+    (above upload_max_mb) or not registered are left with ``pulled: false`` and a reason.
+
+    Raises RegistryUnavailable (quickly) if the server is unreachable, InvalidInput for an
+    unknown recipe or build, StageFailed if a download does not match its manifest (the
+    others are pulled and recorded; nothing is left for that one). Returns the report's path.
+    """
+    artifacts_dir = Path(artifacts_dir).resolve()
+    uri = tracking_uri_for(artifacts_dir, tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise InvalidInput(f"no MLflow store at {uri}: pass --tracking-uri (or set MLFLOW_TRACKING_URI) to the server the build jobs registered into")
+    puller = _Puller(recipe_name, artifacts_dir, uri, recipe_sha256, log)
+    try:
+        with _env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+            return puller.run()
+    except (RegistryUnavailable, InvalidInput, StageFailed):
+        raise
+    except Exception as exc:
+        if _is_connection_error(exc):
+            raise puller.unavailable(exc) from exc
+        raise

@@ -80,6 +80,14 @@ def run_register(path: Path, artifacts_dir: Path, tracking_uri: str | None, log:
     return EXIT_OK
 
 
+def run_pull(recipe_path: Path, artifacts_dir: Path, tracking_uri: str | None, log: Log) -> int:
+    from pipeline.registry import pull_report
+
+    loaded = load_recipe(recipe_path, check_source=False)
+    pull_report(loaded.recipe.name, artifacts_dir, tracking_uri, recipe_sha256=loaded.recipe.sha256(), log=log)
+    return EXIT_OK
+
+
 def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, register: bool, tracking_uri: str | None, log: Log) -> int:
     code = run_build(recipe_path, artifacts_dir, None, log)
     eval_code = run_eval(recipe_path, artifacts_dir, device, fail_on_gate, log)

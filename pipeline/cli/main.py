@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.cli import build, eval, plan, register, run, schema, validate
+from pipeline.cli import build, eval, plan, pull, register, run, schema, validate
 
 app = typer.Typer(
     name="quantforge",
@@ -14,7 +14,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for module in (validate, schema, plan, build, eval, register, run):
+for module in (validate, schema, plan, build, eval, register, pull, run):
     app.add_typer(module.app)
 
 
