@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import pipeline
-from pipeline.errors import InvalidInput, QuantforgeError
+from pipeline.errors import InvalidInput, QuantforgeError, StageFailed
 from pipeline.plan import Plan, make_plan
 from pipeline.recipe import LoadedRecipe
 from pipeline.report import ArtifactReport, SourceReport, StageRecord, report_path, updating
@@ -160,6 +160,27 @@ def build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None =
     on_stage = progress(len(stages)) if progress else None
     results = execute(stages, artifacts_dir, log=log, keys=keys, logs_dir=artifacts_dir / recipe.name / "logs", progress=on_stage)
     return write_build_report(loaded, artifacts_dir, plan, results), results
+
+
+def ensure_source(loaded: LoadedRecipe, artifacts_dir: Path, log: Log = print) -> None:
+    """Make the source model present on this machine and point report.source at it.
+
+    An eval job on another runner pulled the artifacts but not the source: the
+    source stage is cached (a hit here, or a download or the demo training).
+    """
+    from pipeline.source import source_stage
+
+    rpath = report_path(artifacts_dir, loaded.recipe.name)
+    with updating(rpath, loaded.recipe.name) as report:
+        if report.source and report.source.path and Path(report.source.path).is_dir():
+            return
+        result = execute([source_stage(loaded)], Path(artifacts_dir), log=log)["source"]
+        if result.output is None:
+            raise StageFailed(f"the source model is not available here: {result.reason}")
+        if report.source is None:
+            report.source = SourceReport(model=loaded.recipe.source.model, revision=loaded.recipe.source.revision, dtype=loaded.recipe.source.dtype)
+        report.source.path = str(result.output.model_dir)
+        report.source.fingerprint = report.source.fingerprint or result.output.result.get("fingerprint", result.key)
 
 
 def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, results: dict[str, StageResult]):

@@ -52,10 +52,12 @@ def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None,
 def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log) -> int:
     from evals.present import print_eval_tables
     from evals.run import evaluate
+    from pipeline.build import ensure_source
 
     loaded = load_recipe(recipe_path)
     if read_report(report_path(artifacts_dir, loaded.recipe.name)) is None:
-        raise InvalidInput(f"no report for {loaded.recipe.name!r} under {artifacts_dir}: run `quantforge build {recipe_path}` first")
+        raise InvalidInput(f"no report for {loaded.recipe.name!r} under {artifacts_dir}: run `quantforge build {recipe_path}` (or `quantforge pull`) first")
+    ensure_source(loaded, artifacts_dir, log)
     report = evaluate(loaded, artifacts_dir, device, log=log)
     print_eval_tables(report)
     failed = [a.name for a in report.artifacts if a.gates.get("passed") is False]
