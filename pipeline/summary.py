@@ -20,14 +20,24 @@ def human_bytes(n: int | None) -> str:
     return str(n)
 
 
-def plan_table(rows) -> Table:
+def plan_table(rows):
+    """The stages with hit/miss/skip; skip reasons are long, so they follow the table in full."""
+    from rich.console import Group
+    from rich.text import Text
+
     table = Table(title="plan", show_lines=False)
     for col in ("stage", "kind", "key", "status", "what"):
         table.add_column(col, overflow="fold")
+    reasons = []
     for stage, key, status in rows:
-        style = "green" if status == "hit" else "yellow" if status == "miss" else "dim"
-        table.add_row(stage.name, stage.kind, key[:12], f"[{style}]{status}[/{style}]", stage.description)
-    return table
+        word = status.split(":", 1)[0]
+        style = "green" if word == "hit" else "yellow" if word == "miss" else "dim"
+        table.add_row(stage.name, stage.kind, key[:12], f"[{style}]{word}[/{style}]", stage.description)
+        if word == "skip":
+            reasons.append(Text(f"{stage.name} is skipped: {status.split(':', 1)[1].strip()}"))
+    hits = sum(1 for _, _, s in rows if s == "hit")
+    footer = Text(f"{hits} of {len(rows)} stages cached")
+    return Group(table, *reasons, footer)
 
 
 def print_build_summary(report, results, path: Path) -> None:
