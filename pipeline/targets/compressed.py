@@ -112,7 +112,7 @@ def plan_compressed_stage(target, ctx) -> list[Stage]:
             tools=tool_versions(*TOOLS),
             target=target.name,
             artifact=artifact_info(target),
-            description=f"{target.kind.upper()} {scheme_label(target)} with llm-compressor",
+            description=(scheme_label(target) if target.kind == "fp8" else f"{target.kind.upper()} {scheme_label(target)}") + " with llm-compressor",
         )
     ]
 
