@@ -1,0 +1,56 @@
+"""One model, one process: speed first (so peak memory is the model's own), then accuracy.
+
+Run by :mod:`evals.run` as ``python -m evals.worker JOB.json OUT.json``. One
+process per model rather than one per measurement halves the interpreter and
+torch start-ups (tens of seconds each on a loaded 2-core machine) while keeping
+what isolation is for: a runtime that crashes takes down only this model's
+evaluation, and memory is returned to the system between models. An exception
+in one part is recorded as that part's failure; the other part still runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+
+def run_job(job: dict) -> dict:
+    out: dict = {}
+    if job.get("speed"):
+        from evals.speed import measure
+
+        try:
+            out["speed"] = measure(job["runtime"], Path(job["path"]), job["device"], job["threads"], **job["speed"])
+        except Exception as exc:  # reported, not raised: accuracy may still work
+            out["speed"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+    if job.get("accuracy"):
+        import numpy as np
+
+        from evals.accuracy import run_accuracy
+
+        a = job["accuracy"]
+        try:
+            out["accuracy"] = run_accuracy(
+                job["runtime"], Path(job["path"]), job["device"], job["threads"], np.load(a["ids"]).tolist() if a.get("ids") else None,
+                Path(a["text"]).read_text(encoding="utf-8"), a["context"], a["max_windows"], a["bos"],
+                Path(a["reference"]) if a.get("reference") else None,
+                Path(a["write_reference"]) if a.get("write_reference") else None)
+        except Exception as exc:
+            out["accuracy"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m evals.worker JOB.json OUT.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+    Path(argv[1]).write_text(json.dumps(run_job(job), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
