@@ -138,6 +138,8 @@ class AwqTarget(TargetBase):
     symmetric: bool = False
     ignore: list[str] = ["lm_head"]
     mappings: list[AwqMapping] | None = None
+    #: Points in AWQ's per-layer scale search (llm-compressor's default 20); fewer is faster, coarser.
+    n_grid: int = Field(20, ge=2, le=100)
 
 
 class Fp8Target(TargetBase):

@@ -171,7 +171,7 @@ def build_modifiers(target) -> list:
     if isinstance(target, AwqTarget):
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        awq = AWQModifier(mappings=awq_mappings(target)) if target.mappings else AWQModifier()
+        awq = AWQModifier(mappings=awq_mappings(target), n_grid=target.n_grid) if target.mappings else AWQModifier(n_grid=target.n_grid)
         return [awq, QuantizationModifier(config_groups={"group_0": int_scheme(target)}, ignore=ignore)]
     if isinstance(target, Fp8Target):
         return [
