@@ -53,7 +53,10 @@ def render(report: Report, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        from pipeline.summary import make_console
+
+        console = make_console()
     for device, info in report.devices.items():
         if info.get("status") != "done":
             console.print(f"[bold]{device}[/]: {info.get('status')} - {info.get('reason', '')}")

@@ -10,6 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 
+def make_console(stderr: bool = False) -> Console:
+    """A console; piped output (CI logs, files) gets a wide fixed width instead of 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 160)
+
+
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -41,7 +47,7 @@ def plan_table(rows):
 
 
 def print_build_summary(report, results, path: Path) -> None:
-    console = Console(highlight=False)
+    console = make_console()
     counts: dict[str, int] = {}
     for r in results.values():
         counts[r.status] = counts.get(r.status, 0) + 1

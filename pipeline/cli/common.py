@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Iterator
 
 import typer
-from rich.console import Console
-
 from pipeline.errors import EXIT_INVALID_INPUT, QuantforgeError
+from pipeline.summary import make_console
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = make_console()
+err_console = make_console(stderr=True)
 
 RecipeArg = typer.Argument(..., help="Path to the recipe YAML.", show_default=False)
 ArtifactsDir = typer.Option(Path(os.environ.get("QUANTFORGE_ARTIFACTS", "artifacts")), "--artifacts-dir", help="Where the store, reports and the local MLflow store live.")
