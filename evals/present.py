@@ -8,7 +8,7 @@ from pipeline.report import Report
 
 COLUMNS = ("artifact", "runtime", "size", "ppl", "Δppl%", "KLD", "top1%", "prefill t/s", "decode t/s",
            "%roof", "gate")
-RUNTIME_SHORT = {"transformers": "hf", "llama_cpp": "llama.cpp", "tensorrt_llm": "trt-llm"}
+RUNTIME_SHORT = {"transformers": "hf", "llama_cpp": "llama.cpp", "tensorrt_llm": "trt-llm", "modelopt_dequant": "modelopt"}
 
 
 def _size(n: Any) -> str:
@@ -25,7 +25,8 @@ def _f(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def rows_for_device(report: Report, device: str) -> list[list[str]]:
+def rows_for_device(report: Report, device: str, notes: list[str] | None = None) -> list[list[str]]:
+    """Table rows; the reasons of skipped or failed rows go to `notes` (they are long)."""
     rows = []
     entries = [("source", report.baseline.get(device, {}), None)]
     entries += [(a.name, a.evals.get(device, {}), a) for a in report.artifacts if a.status == "built"]
@@ -34,8 +35,9 @@ def rows_for_device(report: Report, device: str) -> list[list[str]]:
         status = ev.get("status", "pending")
         gate = "baseline" if a is None else (a.gates or {}).get("status", "-")
         if status in ("skipped", "failed", "pending") and not m:
-            reason = (ev.get("reason") or "")[:60]
-            rows.append([name, ev.get("runtime", "-"), _size(a.bytes if a else None), status, reason, "", "", "", "", "", gate])
+            if notes is not None and ev.get("reason"):
+                notes.append(f"{name}: {status}: {ev['reason']}")
+            rows.append([name, ev.get("runtime", "-"), _size(a.bytes if a else None), status, "", "", "", "", "", "", gate])
             continue
         deq = " dq" if ev.get("dequantized") else ""
         rt = ev.get("runtime", "-")
@@ -66,9 +68,12 @@ def render(report: Report, console=None) -> None:
         table = Table(title=title, title_justify="left")
         for c in COLUMNS:
             table.add_column(c, justify="left" if c in ("artifact", "runtime", "gate") else "right")
-        for row in rows_for_device(report, device):
+        notes: list[str] = []
+        for row in rows_for_device(report, device, notes):
             table.add_row(*row)
         console.print(table)
+        for note in notes:
+            console.print(f"  {note}", markup=False)
         bw = info.get("bandwidth", {})
         if bw.get("bandwidth_gbs"):
             console.print(f"  %roof: decode tok/s as % of {bw['bandwidth_gbs']} GB/s ({bw.get('method')}) / weight bytes "

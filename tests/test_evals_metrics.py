@@ -105,8 +105,10 @@ def test_runtime_lookup_did_you_mean():
     with pytest.raises(InvalidInput, match="did you mean 'llama_cpp'"):
         get_runtime("llama-cpp")
     assert get_runtime("transformers").name == "transformers"
-    name, why = runtime_for("tensorrt-checkpoint")
-    assert name is None and "transformers" in why
+    # ModelOpt checkpoints are never loaded by plain transformers: they get the dequantizing reader.
+    assert runtime_for("tensorrt-checkpoint") == ("modelopt_dequant", None)
+    name, why = runtime_for("onnx")
+    assert name is None and "onnx" in why
 
 
 def test_missing_runtime_is_a_skip_with_reason():

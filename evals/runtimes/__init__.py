@@ -17,6 +17,7 @@ RUNTIMES: dict[str, str] = {
     "llama_cpp": "evals.runtimes.llama_cpp_rt:LlamaCppRuntime",
     "vllm": "evals.runtimes.vllm_rt:VllmRuntime",
     "tensorrt_llm": "evals.runtimes.tensorrt_llm_rt:TensorRtLlmRuntime",
+    "modelopt_dequant": "evals.runtimes.modelopt_dequant_rt:ModelOptDequantRuntime",
 }
 
 #: artifact kind -> runtime name; None: no runtime here may load it (reason alongside).
@@ -27,14 +28,11 @@ RUNTIME_FOR_KIND: dict[str, str | None] = {
     "fp8": "transformers",
     "gguf": "llama_cpp",
     "tensorrt-engine": "tensorrt_llm",
-    "tensorrt-checkpoint": None,
+    # Served by TensorRT-LLM, vLLM (quantization="modelopt") or SGLang; plain transformers would
+    # load it silently wrong, so accuracy comes from dequantizing it by ModelOpt's layout.
+    "tensorrt-checkpoint": "modelopt_dequant",
 }
-NO_RUNTIME_REASON = {
-    "tensorrt-checkpoint": (
-        "a ModelOpt checkpoint is served by TensorRT-LLM, vLLM (quantization='modelopt') or SGLang, none of "
-        "which is installed here; transformers has no 'modelopt' quant method and would load it silently wrong"
-    ),
-}
+NO_RUNTIME_REASON: dict[str, str] = {}
 
 
 def get_runtime(name: str):
