@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""report.json (or ci_matrix.py's plan) -> Markdown for $GITHUB_STEP_SUMMARY.
+
+    scripts/ci_summary.py artifacts/demo/report.json [--device cpu] [--title TEXT] >> "$GITHUB_STEP_SUMMARY"
+    scripts/ci_summary.py --matrix matrix.json >> "$GITHUB_STEP_SUMMARY"
+
+Per report: the build (status, size, registry version and aliases per
+artifact), one table per device (the source's baseline, then each artifact's
+accuracy relative to it and its speed, with the runtime that measured it), and
+the gates (failed checks, devices still pending). ``--device`` limits the eval
+tables to one device (an eval job's own summary). A missing report prints a
+line saying so and exits 0: a summary never hides the failure of the step that
+should have written it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MAX_REASON = 300
+
+
+def esc(value: Any) -> str:
+    """A value safe inside a Markdown table cell (no pipes, newlines or raw HTML)."""
+    text = "" if value is None else str(value)
+    text = " ".join(text.split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def code(value: Any) -> str:
+    text = esc(value).replace("`", "'")
+    return f"`{text}`" if text else ""
+
+
+def short(value: Any, n: int = MAX_REASON) -> str:
+    text = " ".join(str(value or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def num(value: Any, fmt: str = "{:.2f}") -> str:
+    if value is None:
+        return "–"
+    try:
+        return fmt.format(float(value))
+    except (TypeError, ValueError):
+        return esc(value)
+
+
+def mib(n: Any) -> str:
+    return "–" if n is None else f"{float(n) / 2**20:.2f}"
+
+
+def table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    rows = list(rows)
+    if not rows:
+        return []
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+GATE_ICON = {"passed": "✅ passed", "failed": "❌ failed", "pending": "⏳ pending", "unverified": "⚠️ unverified"}
+STATUS_ICON = {"built": "✅ built", "failed": "❌ failed", "skipped": "⏭️ skipped", "planned": "· planned"}
+
+
+def _registry_cell(reg: dict[str, Any]) -> str:
+    if not reg or not reg.get("name"):
+        return "–"
+    cell = f"{code(reg['name'])} v{esc(reg.get('version'))}"
+    aliases = reg.get("aliases") or []
+    if aliases:
+        cell += " (" + ", ".join(f"@{esc(a)}" for a in aliases) + ")"
+    return cell
+
+
+def _eval_rows(report, device: str) -> tuple[list[list[str]], list[str]]:
+    rows, notes = [], []
+    base = report.baseline.get(device) or {}
+
+    def row(name: str, kind: str, ev: dict[str, Any]) -> list[str]:
+        m = ev.get("metrics") or {}
+        status = ev.get("status") or "–"
+        if status not in ("done", None) and ev.get("reason"):
+            notes.append(f"- {code(name)} on {code(device)}: {esc(status)}: {esc(short(ev.get('reason')))}")
+        elif ev.get("speed_reason"):
+            notes.append(f"- {code(name)} on {code(device)}: speed not measured: {esc(short(ev.get('speed_reason')))}")
+        runtime = esc(ev.get("runtime") or "–") + (" (dequantized)" if ev.get("dequantized") else "")
+        return [
+            code(name), esc(kind), esc(status), runtime,
+            num(m.get("perplexity"), "{:.3f}"), num(m.get("delta_ppl_pct"), "{:+.2f}"),
+            num(m.get("kl_mean"), "{:.4f}"), num(m.get("top1_agreement_pct"), "{:.1f}"),
+            num(m.get("decode_tps"), "{:.1f}"), num(m.get("decode_speedup"), "{:.2f}×"),
+            mib(m.get("size_bytes")),
+        ]
+
+    if base:
+        rows.append(row("source", "source", base))
+    for a in report.artifacts:
+        ev = a.evals.get(device)
+        if ev is not None:
+            rows.append(row(a.name, a.kind, ev))
+    return rows, notes
+
+
+def render_report(report, device: str | None = None, title: str | None = None) -> str:
+    out: list[str] = [f"## {esc(title or f'quantforge: {report.recipe}')}", ""]
+    facts = [f"recipe {code(report.recipe)}"]
+    if report.recipe_sha256:
+        facts.append(f"sha256 {code(report.recipe_sha256[:12])}")
+    if report.git_commit:
+        facts.append(f"commit {code(report.git_commit[:12])}")
+    if report.quantforge_version:
+        facts.append(f"quantforge {esc(report.quantforge_version)}")
+    facts.append(f"updated {esc(report.updated)}")
+    out += [" · ".join(facts), ""]
+    if report.source is not None:
+        src = report.source
+        out += [f"source {code(src.model)}" + (f" @ {code((src.commit or '')[:12])}" if src.commit else "")
+                + (f" · fingerprint {code(src.fingerprint[:12])}" if src.fingerprint else "") + f" · {esc(src.dtype)}", ""]
+
+    # Build
+    notes: list[str] = []
+    rows = []
+    for a in report.artifacts:
+        label = a.name + (f" ({a.variant})" if a.variant and a.variant not in a.name else "")
+        rows.append([code(label), esc(a.kind), esc(a.format or "–"), STATUS_ICON.get(a.status, esc(a.status)),
+                     mib(a.bytes), num(a.build_seconds, "{:.1f}"), _registry_cell(a.registry)])
+        if a.status in ("failed", "skipped") and a.reason:
+            notes.append(f"- {code(a.name)}: {esc(a.status)}: {esc(short(a.reason))}")
+    out += ["### Artifacts", ""]
+    out += table(["artifact", "kind", "format", "status", "MiB", "build s", "registry"], rows) or ["_no artifacts in the report_", ""]
+
+    # Evals per device
+    devices = [device] if device else list(dict.fromkeys([*report.devices, *report.baseline, *(d for a in report.artifacts for d in a.evals)]))
+    for d in devices:
+        info = report.devices.get(d) or {}
+        state = info.get("status") or ("done" if d in report.baseline else "pending")
+        rows, dev_notes = _eval_rows(report, d)
+        out += [f"### Eval on {code(d)} ({esc(state)})", ""]
+        if state != "done" and info.get("reason"):
+            out += [f"_{esc(short(info['reason']))}_", ""]
+        out += table(["model", "kind", "status", "runtime", "perplexity", "Δppl %", "KL mean", "top-1 %", "decode tok/s", "speedup", "MiB"], rows) \
+            or ["_no results on this device yet_", ""]
+        notes += dev_notes
+
+    # Gates
+    rows = []
+    for a in report.artifacts:
+        g = a.gates or {}
+        if not g:
+            continue
+        failed = [c for c in g.get("checks", []) if not c.get("passed")]
+        why = "; ".join(
+            f"{c.get('name')} on {c.get('device')}: "
+            + (f"{num(c.get('value'), '{:.4g}')} vs {num(c.get('threshold'), '{:.4g}')}" if c.get("value") is not None else short(c.get("reason") or "not measured", 120))
+            for c in failed
+        )
+        rows.append([code(a.name), GATE_ICON.get(g.get("status"), esc(g.get("status") or "–")),
+                     esc(why) or "–", esc(", ".join(g.get("pending_devices") or [])) or "–"])
+    if rows:
+        out += ["### Gates", ""] + table(["artifact", "gates", "failed checks", "pending devices"], rows)
+
+    if report.registry.get("tracking_uri"):
+        reg = report.registry
+        out += [f"registered in experiment {code(reg.get('experiment_name'))}, parent run {code(reg.get('parent_run_id'))} at {esc(reg.get('registered'))}", ""]
+    if notes:
+        out += ["<details><summary>Notes (skipped, failed, not measured)</summary>", ""] + notes + ["", "</details>", ""]
+    return "\n".join(out)
+
+
+def render_matrix(result: dict[str, Any]) -> str:
+    out = ["## quantforge CI plan", "", f"{esc(result.get('reason') or '')}" + (" · promotion on" if result.get("promote") else " · promotion off"), ""]
+
+    def labels(v: Any) -> str:
+        return code(", ".join(v) if isinstance(v, list) else v)
+
+    out += table(["recipe", "target", "kind", "runner"],
+                 ([code(e["recipe"]), code(e["target"]), esc(e["kind"]), labels(e["runs_on"])] for e in result["build"]["include"])) \
+        or ["_no build jobs_", ""]
+    out += table(["recipe", "eval device", "runner"],
+                 ([code(e["recipe"]), code(e["device"]), labels(e["runs_on"])] for e in result["eval"]["include"]))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("report", nargs="?", type=Path, help="report.json")
+    ap.add_argument("--device", help="only this device's eval table")
+    ap.add_argument("--title")
+    ap.add_argument("--matrix", type=Path, help="render ci_matrix.py's JSON instead of a report")
+    args = ap.parse_args(argv)
+    if args.matrix:
+        print(render_matrix(json.loads(args.matrix.read_text())))
+        return 0
+    if args.report is None:
+        ap.error("give a report.json or --matrix")
+    from pipeline.report import read_report
+
+    report = read_report(args.report)
+    if report is None:
+        print(f"## {esc(args.title or 'quantforge')}\n\n_no report at {code(args.report)}: an earlier step failed before writing it_\n")
+        return 0
+    print(render_report(report, args.device, args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
