@@ -177,6 +177,13 @@ def ensure_source(loaded: LoadedRecipe, artifacts_dir: Path, log: Log = print) -
         result = execute([source_stage(loaded)], Path(artifacts_dir), log=log)["source"]
         if result.output is None:
             raise StageFailed(f"the source model is not available here: {result.reason}")
+        here = result.output.result.get("fingerprint")
+        if report.source is not None and report.source.fingerprint and here and here != report.source.fingerprint:
+            # Comparing artifacts with a different model would give confident, wrong numbers.
+            raise StageFailed(
+                f"the source model here (fingerprint {here[:12]}) is not the one the artifacts were built from "
+                f"({report.source.fingerprint[:12]}); evaluate where that model is available, or rebuild"
+            )
         if report.source is None:
             report.source = SourceReport(model=loaded.recipe.source.model, revision=loaded.recipe.source.revision, dtype=loaded.recipe.source.dtype)
         report.source.path = str(result.output.model_dir)

@@ -243,6 +243,14 @@ def gate_summary(gates: dict[str, Any]) -> tuple[bool | None, dict[str, bool | N
     return passed, per, pending
 
 
+def promotion_enabled() -> bool:
+    """False when QUANTFORGE_PROMOTE says so: CI builds of pull requests and side branches
+    register their versions but must not move `candidate` or the promotion alias."""
+    import os
+
+    return os.environ.get("QUANTFORGE_PROMOTE", "true").strip().lower() not in ("0", "false", "no", "off")
+
+
 def promotable(gates: dict[str, Any]) -> bool:
     """Promote only when the gates passed on every required device and none is still pending."""
     passed, _, pending = gate_summary(gates)
@@ -713,6 +721,9 @@ class _Registrar:
                 return None
 
         version = str(mv.version)  # int from a SQL store, str from a server
+        if not promotion_enabled():
+            self.log(f"register: {a.name}: QUANTFORGE_PROMOTE=false (e.g. a pull request build): no alias moved")
+            return sorted(self.client.get_model_version(name, version).aliases or [])
         if current(CANDIDATE_ALIAS) != version:
             self.client.set_registered_model_alias(name, CANDIDATE_ALIAS, version)
         promo = self.registry_spec.get("promotion_alias") or "production"

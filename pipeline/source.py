@@ -135,7 +135,8 @@ def source_stage(loaded: LoadedRecipe) -> Stage:
             name="source",
             kind="demo-model",
             version=TRAINER_VERSION,
-            params={"variant": variant, "seed": 0, "corpus_sha256": corpus_sha256()},
+            # The trainer's own hash: a change to how the model is trained is a different model.
+            params={"variant": variant, "seed": 0, "corpus_sha256": corpus_sha256(), "trainer_sha256": _trainer_sha256()},
             tools=tool_versions("torch", "transformers", "tokenizers"),
             run=_train_builtin,
             description=f"train the built-in {variant} on the bundled corpus",
@@ -163,6 +164,12 @@ def source_stage(loaded: LoadedRecipe) -> Stage:
         run=lambda ctx: _download_hub(ctx, src.model, commit, src.allow_pickle),
         description=f"{src.model}@{commit[:12]} from the hub",
     )
+
+
+def _trainer_sha256() -> str:
+    from pipeline.demo import train
+
+    return sha256_file(Path(train.__file__))
 
 
 def _train_builtin(ctx: StageContext) -> dict:

@@ -99,3 +99,18 @@ def test_register_with_unreachable_server_exits_1_and_keeps_results(flow):
     assert result.exit_code == 1
     assert "quantforge register" in result.output
     assert json.loads(report_path(artifacts, "flow").read_text())["artifacts"][0]["status"] == "built"
+
+
+def test_eval_refuses_a_different_source_model(flow):
+    """An eval runner whose source model differs from the build's must not compare against it."""
+    from pipeline.report import updating
+
+    recipe, artifacts, _ = flow
+    assert invoke("build", recipe, "--target", "fp8", "--artifacts-dir", artifacts).exit_code == 0
+    path = report_path(artifacts, "flow")
+    with updating(path, "flow") as report:
+        report.source.fingerprint = "0" * 64  # as if the artifacts came from another model
+        report.source.path = None  # and this runner had to make the source itself
+    result = invoke("eval", recipe, "--artifacts-dir", artifacts)
+    assert result.exit_code == 1
+    assert "is not the one the artifacts were built from" in result.output

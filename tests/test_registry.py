@@ -308,3 +308,19 @@ def test_server_down_fails_cleanly_then_registers_when_up(server, tmp_path):
     before = snapshot(c, exp, "srv-", server.dir / "artifacts")
     register_report(path, tracking_uri=server.uri, log=quiet)
     assert snapshot(c, exp, "srv-", server.dir / "artifacts") == before
+
+
+def test_no_alias_moves_when_promotion_is_off(store_dir, monkeypatch):
+    """CI builds of pull requests register versions but must not move candidate or production."""
+    path = make_report(store_dir, recipe="prbuild", plot=False, long_description=False)
+    monkeypatch.setenv("QUANTFORGE_PROMOTE", "false")
+    report = register_report(path, log=quiet)
+    c = client_for(tracking_uri_for(store_dir))
+    for a in report.artifacts:
+        if a.status != "built":
+            continue
+        mv = c.get_model_version(a.registry["name"], a.registry["version"])
+        assert a.gates["passed"] is True and mv.aliases == [] and a.registry["aliases"] == []
+    monkeypatch.setenv("QUANTFORGE_PROMOTE", "true")
+    report = register_report(path, log=quiet)
+    assert all(sorted(a.registry["aliases"]) == ["candidate", "production"] for a in report.artifacts if a.status == "built")
