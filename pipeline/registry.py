@@ -162,7 +162,13 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
 
 
 def _numeric_metrics(values: dict[str, Any], prefix: str) -> dict[str, float]:
-    """Numbers in a (possibly nested) eval dict -> {"<prefix>.<name>": value}; bools and text are not metrics."""
+    """Numbers in a (possibly nested) eval dict -> {"<prefix>.<name>": value}; bools and text are not metrics.
+
+    An eval result with a flat ``metrics`` summary (what the evals write) contributes
+    just that, so names read ``cpu.perplexity``, not the raw accuracy/speed records.
+    """
+    if isinstance(values.get("metrics"), dict):
+        values = values["metrics"]
     out: dict[str, float] = {}
     for k, v in values.items():
         if k == "fingerprint":

@@ -431,3 +431,24 @@ def test_ci_local_usage_errors(tmp_path):
     bad = subprocess.run(["bash", script, "recipes/demo.yaml", str(BIN)], capture_output=True, text=True,
                          env={**os.environ, "CI_LOCAL_STOP_AFTER": "nope"})
     assert bad.returncode == 2 and "CI_LOCAL_STOP_AFTER" in bad.stderr
+
+
+@pytest.mark.slow
+def test_make_ci_local_on_the_demo_recipe_registers_cpu_results(tmp_path):
+    """The whole rehearsal on the demo recipe: builds, pull, eval on cpu, register to a real server."""
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "ci"
+    env = {**os.environ, "CI_LOCAL_DIR": str(work), "CI_LOCAL_KEEP": "1"}
+    out = subprocess.run(["make", "ci-local", "RECIPE=recipes/demo.yaml"], capture_output=True, text=True, cwd=REPO, env=env, timeout=3600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    # Read what the (now stopped) server recorded, straight from its backend store.
+    client = MlflowClient(f"sqlite:///{work / 'server' / 'mlflow.db'}")
+    report = json.loads((work / "eval-cpu" / "demo" / "report.json").read_text())
+    built = [a for a in report["artifacts"] if a["status"] == "built"]
+    assert {a["kind"] for a in built} >= {"gptq", "awq", "fp8", "gguf", "tensorrt-checkpoint"}
+    for a in built:
+        assert a["evals"]["cpu"]["status"] == "done", a["name"]
+        mv = client.get_model_version(a["registry"]["name"], a["registry"]["version"])
+        assert mv.tags["cpu.perplexity"], a["name"]
+        assert a["gates"]["passed"] is not True or "production" in mv.aliases
