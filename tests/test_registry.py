@@ -84,14 +84,6 @@ def test_gate_summary_and_flatten():
 
 # ------------------------------------------------------------------ SQLite store
 @pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite store with its tables made: creating them costs 10-20 s on a busy 2-core machine, so once."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    client_for(f"sqlite:///{db}").search_experiments(max_results=1)
-    return db
-
-
-@pytest.fixture(scope="module")
 def store_dir(tmp_path_factory, empty_db) -> Path:
     """One artifacts dir (store + local MLflow) for the SQLite tests; each uses its own recipe name."""
     root = tmp_path_factory.mktemp("artifacts")

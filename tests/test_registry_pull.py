@@ -72,14 +72,6 @@ def file_path(uri: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def empty_db(tmp_path_factory) -> Path:
-    """An MLflow SQLite store with its tables made (10-20 s on a busy machine), copied per store."""
-    db = tmp_path_factory.mktemp("template") / "mlflow.db"
-    client_for(f"sqlite:///{db}").search_experiments(max_results=1)
-    return db
-
-
-@pytest.fixture(scope="module")
 def tracking(tmp_path_factory, empty_db) -> str:
     """The tracking store every job of this module registers into (its artifacts beside it)."""
     root = tmp_path_factory.mktemp("tracking") / "mlflow"
