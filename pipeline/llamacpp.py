@@ -7,8 +7,8 @@ sdist: the wheel (the binding) and ``llama-imatrix``, ``llama-perplexity``,
 keeps the file formats they read and write (GGUF, imatrix) in step.
 
 Loading a GGUF with the binding happens in a child process (``python -m
-pipeline.llamacpp ...``): a llama.cpp crash (a segfault in a kernel, see the AMX
-note in ENVIRONMENT.md) then fails one stage with a message instead of killing
+pipeline.llamacpp ...``): a llama.cpp crash (a segfault in a kernel, e.g. a native
+build's AMX kernels on quantized types, llama.cpp issue 20824) then fails one stage with a message instead of killing
 the whole build.
 """
 

@@ -60,12 +60,11 @@ EXPECTED_KV = {"fp8": "FP8"}
 # moves error onto channels with small activations, so the plain weight error grows (20.8 %
 # worst, a down_proj of tiny-llama-mini on the H200); perplexity is the check that matters.
 # Perplexity: dequantized model vs source on the same held-out text (measured numbers in
-# tests/test_target_tensorrt.py and the report); ENVIRONMENT.md: FP8 +0.0 %, INT4-AWQ
-# +0.6 % on tiny-llama. The limits leave room for larger, less smooth models.
+# tests/test_target_tensorrt.py, the stage result and benchmarks/results/). The limits leave room for larger, less smooth models.
 MAX_WEIGHT_REL_ERROR = {"fp8": 0.05, "int4_awq": 0.35, "nvfp4": 0.20}
 MAX_PPL_INCREASE_PCT = {"fp8": 2.0, "int4_awq": 8.0, "nvfp4": 15.0}
 
-# Tokenizer files the export does not write (ENVIRONMENT.md: "no tokenizer written").
+# Tokenizer files the export does not write (export_hf_checkpoint writes none).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",

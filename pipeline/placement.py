@@ -35,7 +35,7 @@ class Placement:
 def default_threads(cpu_count: int | None = None, on_gpu: bool = False) -> int:
     """Thread count when the user sets none.
 
-    Measured (ENVIRONMENT.md): on the 2-core machine with anything else running,
+    Measured on the 2-core machine with anything else running,
     GPTQ with 2 threads was 5-16x slower than with 1 (threads fight for the cores).
     So small machines get 1 thread; bigger ones keep a core or two free for the
     other builds and the OS. With a GPU the CPU only shuffles data: 4 is plenty.

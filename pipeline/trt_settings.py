@@ -122,7 +122,7 @@ class TrtBuildSettings:
 
     def export_kwargs(self) -> dict[str, int]:
         """Keyword arguments for modelopt's export_tensorrt_llm_checkpoint (its default
-        inference_tensor_parallel=0 divides by zero on a single process: ENVIRONMENT.md)."""
+        inference_tensor_parallel=0 divides by zero on a single process)."""
         return {"inference_tensor_parallel": self.tp_size, "inference_pipeline_parallel": self.pp_size}
 
     def to_dict(self) -> dict[str, Any]:

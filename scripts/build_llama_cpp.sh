@@ -14,8 +14,7 @@
 # is redone, never half-used.
 #
 # Why GGML_NATIVE=OFF: the native build picks AMX on these CPUs and every
-# quantized GGUF then segfaults on its first decode (llama.cpp issue 20824;
-# see shared ENVIRONMENT.md). The portable build is what we ship and measure.
+# quantized GGUF then segfaults on its first decode (llama.cpp issue 20824). The portable build is what we ship and measure.
 set -euo pipefail
 
 if [[ $# -ne 2 ]]; then

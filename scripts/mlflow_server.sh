@@ -8,7 +8,7 @@
 # DIR is usually <artifacts-dir>/mlflow, the same store that `quantforge register`
 # writes when no server is given, so a server started here shows that registry.
 # Lean because the default starts ~15 processes (~2.5 GB); job execution off and
-# one worker starts 2 processes (~490 MB) in ~4 s (docs/ENVIRONMENT.md).
+# one worker starts 2 processes (~490 MB) in ~4 s on an idle 2-core machine.
 # Artifacts are proxied (--artifacts-destination): clients upload over HTTP and
 # need no access to DIR, as a remote server's clients would.
 # Env: MLFLOW_BIN (default: the repo's .venv mlflow, else `mlflow` on PATH),

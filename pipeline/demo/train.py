@@ -41,8 +41,8 @@ CHAT_TEMPLATE = (
 # jobs shared it (load ~15), float32, wall/CPU seconds per step:
 #   tiny-llama (16 x 512):     1 thread ~18-25 s wall / ~5 s CPU;  2 threads ~29-43 s / ~7-10 s
 #   tiny-llama-mini (8 x 256): 1 thread ~2-3 s wall / ~0.65 s CPU; 2 threads ~5-14 s / ~1.5-3.9 s
-# With anything else running, OpenMP's second thread mostly waits (as ENVIRONMENT.md saw for
-# GPTQ and llama.cpp); a single thread also fixes the reduction order, so the bytes written
+# With anything else running, OpenMP's second thread mostly waits (as measured for
+# GPTQ and llama.cpp too); a single thread also fixes the reduction order, so the bytes written
 # are reproducible. On an idle machine 2 threads would be at best ~1.8x faster.
 TRAIN_THREADS = 1
 

@@ -293,19 +293,9 @@ def load_source_model(model_dir: Path, dtype: str):
 
 def load_calibration_dataset(calibration_dir: Path):
     """Calibration samples as a ``datasets.Dataset`` (input_ids, attention_mask)."""
-    try:
-        from pipeline.calibration import load_calibration
-    except ImportError:  # the lead's module has not landed: read the stage's documented output
-        return _dataset_from_input_ids(Path(calibration_dir) / "input_ids.npy")
+    from pipeline.calibration import load_calibration
+
     return load_calibration(calibration_dir).as_dataset()
-
-
-def _dataset_from_input_ids(path: Path):
-    import numpy as np
-    from datasets import Dataset
-
-    ids = np.load(path)
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()})
 
 
 # ------------------------------------------------------------------ oneshot

@@ -208,8 +208,8 @@ def quant_bits(quant: str) -> int:
 
 
 def threads() -> int:
-    """llama.cpp threads: 1 unless QUANTFORGE_THREADS says otherwise (ENVIRONMENT.md: on 2 busy
-    cores, 2 threads were several times slower than 1)."""
+    """llama.cpp threads: 1 unless QUANTFORGE_THREADS says otherwise (measured on a
+    busy 2-core machine: 2 threads were several times slower than 1)."""
     from pipeline.placement import threads_from_env
 
     return threads_from_env(1)

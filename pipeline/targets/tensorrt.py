@@ -138,12 +138,8 @@ def device_fingerprint(gpus=None) -> str | None:
 # ----------------------------------------------------------------------- helpers
 def _calibration_ids(out):
     """input_ids [samples, seq_len] of the calibration stage's output."""
-    try:
-        from pipeline.calibration import load_calibration
-    except ImportError:  # until pipeline.calibration lands: the documented file
-        import numpy as np
+    from pipeline.calibration import load_calibration
 
-        return np.load(Path(out.path) / "input_ids.npy")
     return load_calibration(out.path).input_ids
 
 
