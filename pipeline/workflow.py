@@ -98,4 +98,6 @@ def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: b
         return code
     if register:
         run_register(recipe_path, artifacts_dir, tracking_uri, log)
+    name = load_recipe(recipe_path, check_source=False).recipe.name
+    log(f"done: report {report_path(artifacts_dir, name)}" + ("; browse the registry with `make ui`" if register and not tracking_uri else ""))
     return eval_code
