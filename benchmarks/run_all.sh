@@ -10,7 +10,7 @@ out=benchmarks/results/cpu-$(date -u +%Y-%m-%d)
 mkdir -p "$out"
 export OMP_NUM_THREADS=1 QUANTFORGE_THREADS=1 PYTHONUNBUFFERED=1
 {
-    echo "host: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
+    echo "host: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc --all) cores, $(free -g | awk '/Mem:/{print $2}') GiB"
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "quantforge $(git rev-parse --short HEAD 2>/dev/null || echo '?'), python $($py -c 'import sys; print(sys.version.split()[0])')"
     echo "threads: 1 (OMP_NUM_THREADS=1, QUANTFORGE_THREADS=1)"
