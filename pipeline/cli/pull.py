@@ -4,15 +4,6 @@ For CI jobs on another machine (an eval job on a GPU runner): the build jobs reg
 their artifacts; this brings the merged report and the registered files into the local
 store, verified against their manifests, so `quantforge eval` and `quantforge register`
 run there as if the build had run locally.
-
-The command calls ``pipeline.workflow.run_pull``; its body (logic lives in pipeline.registry)::
-
-    def run_pull(recipe_path: Path, artifacts_dir: Path, tracking_uri: str | None, log: Log) -> int:
-        from pipeline.registry import pull_report
-
-        loaded = load_recipe(recipe_path, check_source=False)
-        pull_report(loaded.recipe.name, artifacts_dir, tracking_uri, recipe_sha256=loaded.recipe.sha256(), log=log)
-        return EXIT_OK
 """
 
 from __future__ import annotations
