@@ -57,7 +57,8 @@ def content_hash(files: list[dict]) -> str:
 
 class Store:
     def __init__(self, artifacts_dir: Path):
-        self.root = Path(artifacts_dir) / "store"
+        # Absolute: paths end up in report.json, which other commands read from elsewhere.
+        self.root = Path(artifacts_dir).resolve() / "store"
 
     def path_for(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:KEY_LEN]

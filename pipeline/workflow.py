@@ -38,6 +38,8 @@ def plan_rows(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None)
 
 def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
     from pipeline.build import build
+
+    artifacts_dir = Path(artifacts_dir).resolve()
     from pipeline.summary import print_build_summary
 
     from pipeline.summary import stage_progress

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -114,3 +115,17 @@ def test_eval_refuses_a_different_source_model(flow):
     result = invoke("eval", recipe, "--artifacts-dir", artifacts)
     assert result.exit_code == 1
     assert "is not the one the artifacts were built from" in result.output
+
+
+def test_relative_artifacts_dir_gives_usable_absolute_paths(flow, monkeypatch):
+    """`--artifacts-dir artifacts` (the Makefile's default) from the recipe's folder."""
+    recipe, artifacts, uri = flow
+    monkeypatch.chdir(recipe.parent)
+    result = invoke("run", recipe.name, "--artifacts-dir", "artifacts", "--tracking-uri", uri, "--no-register")
+    assert result.exit_code == 0, result.output
+    report = read_report(report_path(artifacts, "flow"))
+    for a in report.artifacts:
+        assert a.path and a.path.startswith("/") and (artifacts / "store").resolve() in Path(a.path).parents
+    result = invoke("register", recipe.name, "--artifacts-dir", "artifacts", "--tracking-uri", uri)
+    assert result.exit_code == 0, result.output
+    assert all(a.registry.get("version") == "1" for a in read_report(report_path(artifacts, "flow")).artifacts)
