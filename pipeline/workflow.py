@@ -38,12 +38,9 @@ def plan_rows(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None)
 
 def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
     from pipeline.build import build
+    from pipeline.summary import print_build_summary, stage_progress
 
     artifacts_dir = Path(artifacts_dir).resolve()
-    from pipeline.summary import print_build_summary
-
-    from pipeline.summary import stage_progress
-
     loaded = load_recipe(recipe_path)
     with stage_progress() as progress:
         report, results = build(loaded, artifacts_dir, targets, log=log, progress=progress)
