@@ -34,13 +34,13 @@ torch, transformers and modelopt are imported inside the functions that need the
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import InvalidInput, StageFailed
+from pipeline.perplexity import window_perplexity
 
 # recipe quant -> ModelOpt config name (modelopt.torch.quantization.config)
 MODELOPT_CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "int4_awq": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
@@ -432,27 +432,6 @@ def weight_errors(folder: Path, source_dir: Path) -> dict[str, float]:
     return errors
 
 
-def perplexity(model, tokenizer, text: str, seq_len: int = 256, max_tokens: int = 8192) -> tuple[float, int]:
-    """exp(mean NLL) over non-overlapping windows of ``seq_len`` (float32 logits), on the model's device."""
-    import torch
-
-    device = next(model.parameters()).device
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    t = torch.tensor(ids, dtype=torch.long)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, seq_len):
-            w = t[start : start + seq_len].unsqueeze(0).to(device)
-            if w.shape[1] < 2:
-                break
-            logits = model(input_ids=w).logits.float()
-            nll += torch.nn.functional.cross_entropy(logits[0, :-1], w[0, 1:], reduction="sum").item()
-            count += w.shape[1] - 1
-    if count == 0:
-        raise StageFailed("held-out text is too short to measure perplexity")
-    return math.exp(nll / count), count
-
-
 def verify_checkpoint(folder: Path, source_dir: Path, quant: str, kv_cache_quant: str | None,
                       heldout_text: str | None, seq_len: int = 256, max_tokens: int = 8192,
                       device: str = "cpu", log: Callable[[str], None] = print) -> dict:
@@ -484,10 +463,10 @@ def verify_checkpoint(folder: Path, source_dir: Path, quant: str, kv_cache_quant
         tok = AutoTokenizer.from_pretrained(folder)
         # float32 on either device, so the comparison measures the format, not matmul precision.
         src_model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).to(device).eval()
-        ppl_src, n = perplexity(src_model, tok, heldout_text, seq_len, max_tokens)
+        ppl_src, n = window_perplexity(src_model, tok, heldout_text, seq_len, max_tokens)
         del src_model
         deq = load_modelopt_dequantized(folder).to(device)
-        ppl_q, _ = perplexity(deq, tok, heldout_text, seq_len, max_tokens)
+        ppl_q, _ = window_perplexity(deq, tok, heldout_text, seq_len, max_tokens)
         del deq
         inc = 100.0 * (ppl_q / ppl_src - 1.0)
         facts.update({"perplexity_source": round(ppl_src, 4), "perplexity_dequantized": round(ppl_q, 4),

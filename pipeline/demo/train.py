@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.demo.corpus import corpus_paragraphs, corpus_sha256
+from pipeline.demo.corpus import corpus_paragraphs, corpus_sha256, corpus_text
+from pipeline.perplexity import window_perplexity
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -152,31 +153,6 @@ def _token_stream(tokenizer, paragraphs: list[str], eos_id: int):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _heldout_perplexity(model, tokenizer, seq_len: int, max_tokens: int) -> tuple[float, int]:
-    """Perplexity of the held-out split (as corpus_text('heldout') joins it) in non-overlapping
-    windows of seq_len, float32 compute."""
-    import torch
-
-    from pipeline.demo.corpus import corpus_text
-
-    ids = tokenizer(corpus_text("heldout"), add_special_tokens=False)["input_ids"][:max_tokens]
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    nll, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, seq_len):
-            window = ids_t[start : start + seq_len].unsqueeze(0)
-            if window.shape[1] < 2:
-                break
-            logits = model(input_ids=window).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[0, :-1], window[0, 1:], reduction="sum"
-            )
-            nll += loss.item()
-            count += window.shape[1] - 1
-    return math.exp(nll / count), count
-
-
 def train_demo_model(
     variant: str,
     out_dir: Path,
@@ -270,8 +246,8 @@ def train_demo_model(
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
         _finish_tokenizer_files(out_dir)
-        ppl, eval_tokens = _heldout_perplexity(
-            model.float(), tokenizer, v.seq_len, v.eval_max_tokens
+        ppl, eval_tokens = window_perplexity(
+            model.float(), tokenizer, corpus_text("heldout"), v.seq_len, v.eval_max_tokens
         )
         final_loss = sum(losses[-10:]) / len(losses[-10:])
         facts = {
