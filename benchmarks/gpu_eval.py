@@ -33,8 +33,8 @@ def make_source(out: Path, shape: dict) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.demo.corpus import corpus_paragraphs
-    from pipeline.demo.train import EOS_TOKEN, build_tokenizer
+    from pipeline.data.corpus import corpus_paragraphs
+    from pipeline.sources.tiny import EOS_TOKEN, build_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(corpus_paragraphs("train"), shape["vocab_size"])
@@ -55,7 +55,7 @@ def make_artifacts(source: Path, out: Path, kinds: list[str]) -> dict[str, tuple
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.demo.corpus import corpus_paragraphs
+    from pipeline.data.corpus import corpus_paragraphs
 
     tok = AutoTokenizer.from_pretrained(source)
     texts = corpus_paragraphs("train")[:64]
@@ -99,10 +99,10 @@ def evaluate_on(device: str, work: Path, source: Path, artifacts: dict[str, tupl
 
     from evals.devices import fingerprint, fingerprint_hash
     from evals.run import evaluate
-    from pipeline.recipe import load_recipe
-    from pipeline.report import ArtifactReport, Report, SourceReport, report_path, write_report
-    from pipeline.source import fingerprint_dir
-    from pipeline.store import content_hash, file_table
+    from pipeline.validation import load_recipe
+    from pipeline.core.report import ArtifactReport, Report, SourceReport, report_path, write_report
+    from pipeline.sources import fingerprint_dir
+    from pipeline.core.store import content_hash, file_table
 
     targets = []
     for name, (kind, _) in artifacts.items():

@@ -1,7 +1,7 @@
 """ModelOpt checkpoints (NVFP4, FP8, INT4-AWQ) through quantforge's own code, on a CUDA GPU.
 
 Needs torch + transformers + nvidia-modelopt (+ its wheels, see the report). Builds each
-checkpoint with pipeline.modelopt_checkpoint.build_checkpoint (quantize, export, read back,
+checkpoint with pipeline.targets.tensorrt.checkpoint.build_checkpoint (quantize, export, read back,
 dequantize, compare), and prints one JSON document and a table.
 
     # on the GPU machine, a trained model (perplexity is measured):
@@ -36,8 +36,8 @@ def make_random_model(out: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.demo.corpus import corpus_paragraphs
-    from pipeline.demo.train import EOS_TOKEN, build_tokenizer
+    from pipeline.data.corpus import corpus_paragraphs
+    from pipeline.sources.tiny import EOS_TOKEN, build_tokenizer
 
     tok = build_tokenizer(corpus_paragraphs("train"), RANDOM_SHAPE["vocab_size"])
     eos = tok.convert_tokens_to_ids(EOS_TOKEN)
@@ -54,7 +54,7 @@ def calibration(model_dir: Path, samples: int, seq_len: int):
     import numpy as np
     from transformers import AutoTokenizer
 
-    from pipeline.demo.corpus import corpus_text
+    from pipeline.data.corpus import corpus_text
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(corpus_text("train"), add_special_tokens=False)["input_ids"]
@@ -95,8 +95,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pipeline import modelopt_checkpoint as mc
-    from pipeline.demo.corpus import corpus_text
+    from pipeline.targets.tensorrt import checkpoint as mc
+    from pipeline.data.corpus import corpus_text
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="gpu-modelopt-"))

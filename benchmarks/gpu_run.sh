@@ -25,7 +25,7 @@ compressed)
 modelopt)
     python3 benchmarks/gpu_modelopt.py --random --json "$out/gpu_modelopt_random.json" 2> "$out/gpu_modelopt_random.log"
     mini=$(mktemp -d)
-    python3 -m pipeline.demo.train tiny-llama-mini "$mini" > "$out/train_mini.log" 2>&1
+    python3 -m pipeline.sources.tiny tiny-llama-mini "$mini" > "$out/train_mini.log" 2>&1
     python3 benchmarks/gpu_modelopt.py --model "$mini" --kv-cache-quant fp8 --json "$out/gpu_modelopt_mini.json" 2> "$out/gpu_modelopt_mini.log"
     ;;
 *)

@@ -42,7 +42,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-FULL_LIMIT = 1 << 25  # 32M float16 values = 64 MiB
+# Full-vocabulary references up to 2**27 float16 values (256 MiB; e.g. 2,048 scored tokens of a
+# 49,152-token vocabulary): KL is then exact, as llama-perplexity's. Above, top-k + tail.
+FULL_LIMIT = 1 << 27
 TOPK = 32
 SCORING = "second half of each window (as llama-perplexity)"
 
@@ -74,6 +76,63 @@ def kl_divergence(p_logprobs: np.ndarray, q_logprobs: np.ndarray) -> np.ndarray:
 def top1_agreement(p_logprobs: np.ndarray, q_logprobs: np.ndarray) -> np.ndarray:
     """Whether the most likely token is the same, per row."""
     return np.asarray(p_logprobs).argmax(-1) == np.asarray(q_logprobs).argmax(-1)
+
+
+def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error, as llama-perplexity computes them (0 for fewer than 11 values)."""
+    v = np.asarray(values, dtype=np.float64)
+    n = v.size
+    if n < 1:
+        return 0.0, 0.0
+    f = float(v.mean())
+    df = float((v * v).mean() - f * f)
+    return f, (math.sqrt(df / (n - 1)) if df > 0 and n > 10 else 0.0)
+
+
+def divergence_stats(kl: np.ndarray, nll_q: np.ndarray, nll_base: np.ndarray, same_top: np.ndarray) -> dict:
+    """llama-perplexity --kl-divergence's statistics (tools/perplexity/perplexity.cpp), from per-token values.
+
+    ``kl``: KL(base || q) per scored token; ``nll_q`` / ``nll_base``: each model's negative
+    log-likelihood of the actual next token; ``same_top``: whether the argmax agrees.
+    Percentiles interpolate linearly between sorted values, as llama.cpp's do.
+    """
+    kl = np.asarray(kl, dtype=np.float64)
+    nll_q = np.asarray(nll_q, dtype=np.float64)
+    nll_base = np.asarray(nll_base, dtype=np.float64)
+    n = kl.size
+    lq, lq_unc = mean_and_uncertainty(nll_q)
+    lb, lb_unc = mean_and_uncertainty(nll_base)
+    cov = float((nll_q * nll_base).mean() - lq * lb) / (n - 1) if n > 1 else 0.0
+    ratio_log = lq - lb
+    ratio_log_unc = math.sqrt(max(lq_unc**2 + lb_unc**2 - 2.0 * cov, 0.0))
+    ppl_ratio = math.exp(ratio_log)
+    kl_mean, kl_unc = mean_and_uncertainty(kl)
+    p_diff = np.exp(-nll_q) - np.exp(-nll_base)
+    mse, mse_unc = mean_and_uncertainty(p_diff * p_diff)
+    rms = math.sqrt(mse)
+    same = float(np.mean(same_top)) if n else 0.0
+    q = lambda x, f: float(np.quantile(x, f))  # noqa: E731 - numpy's default is llama.cpp's linear rule
+    return {
+        "ppl_ratio": ppl_ratio,
+        "ppl_ratio_err": ppl_ratio * ratio_log_unc,
+        "ln_ppl_ratio": ratio_log,
+        "ln_ppl_ratio_err": ratio_log_unc,
+        "kl_mean": kl_mean,
+        "kl_mean_err": kl_unc,
+        "kl_max": float(kl.max()),
+        "kl_p999": q(kl, 0.999),
+        "kl_p99": q(kl, 0.99),
+        "kl_p95": q(kl, 0.95),
+        "kl_p90": q(kl, 0.90),
+        "kl_median": float(np.median(kl)),
+        "kl_p10": q(kl, 0.10),
+        "kl_min": float(kl.min()),
+        "delta_p_mean_pct": 100.0 * float(p_diff.mean()),
+        "rms_dp_pct": 100.0 * rms,
+        "rms_dp_pct_err": 100.0 * (0.5 / rms * mse_unc if rms > 0 else 0.0),
+        "top1_agreement_pct": 100.0 * same,
+        "top1_agreement_pct_err": 100.0 * math.sqrt(same * (1.0 - same) / (n - 1)) if n > 1 else 0.0,
+    }
 
 
 # ------------------------------------------------------------------ windows
@@ -133,19 +192,24 @@ class Reference:
         return cls({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
 
     @staticmethod
-    def compact(lp: np.ndarray, k: int, full: bool) -> dict[str, np.ndarray]:
-        """One window's rows in the stored form (so the full rows of all windows are never held at once)."""
+    def compact(lp: np.ndarray, k: int, full: bool, nll: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One window's rows in the stored form (so the full rows of all windows are never held at once).
+
+        ``nll`` (the source's negative log-likelihood of each actual next token) is kept
+        exactly: the perplexity ratio and Δp statistics need it in either mode.
+        """
         lp = np.asarray(lp, dtype=np.float32)
+        extra = {"nll": np.asarray(nll, dtype=np.float64)} if nll is not None else {}
         if full:
             # argmax kept exactly: float16 rounding would break near-ties between the top two tokens.
-            return {"logprobs": lp.astype(np.float16), "top1": lp.argmax(1).astype(np.int32)}
+            return {"logprobs": lp.astype(np.float16), "top1": lp.argmax(1).astype(np.int32), **extra}
         k = min(k, lp.shape[1])
         ids = np.argpartition(-lp, k - 1, axis=1)[:, :k]
         vals = np.take_along_axis(lp, ids, axis=1)
         order = np.argsort(-vals, axis=1)
         ids, vals = np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
         tail = np.log(np.clip(1.0 - np.exp(vals.astype(np.float64)).sum(1), 1e-30, None))
-        return {"top_ids": ids.astype(np.int32), "top_logprobs": vals, "tail_log": tail.astype(np.float32)}
+        return {"top_ids": ids.astype(np.int32), "top_logprobs": vals, "tail_log": tail.astype(np.float32), **extra}
 
     def save(self, path: Path) -> None:
         np.savez(path, **self.a)
@@ -190,7 +254,7 @@ def evaluate_windows(window_logprobs: Callable[[list[int], int], np.ndarray], wi
             kls.append(kl)
             agree.append(ag)
         if collect is not None:
-            rows.append(collect(lp))
+            rows.append(collect(lp, nll[-1]))
         start += lp.shape[0]
     all_nll = np.concatenate(nll)
     out = {
@@ -204,14 +268,15 @@ def evaluate_windows(window_logprobs: Callable[[list[int], int], np.ndarray], wi
     }
     if reference is not None:
         kl = np.concatenate(kls)
-        out.update({
-            "kl_mean": float(kl.mean()),
-            "kl_median": float(np.median(kl)),
-            "kl_p99": float(np.quantile(kl, 0.99)),
-            "kl_max": float(kl.max()),
-            "top1_agreement_pct": float(100.0 * np.concatenate(agree).mean()),
-            "kl_method": reference.method,
-        })
+        base_nll = reference.a.get("nll")
+        has_nll = base_nll is not None and len(base_nll) == all_nll.size
+        stats = divergence_stats(kl, all_nll, base_nll if has_nll else all_nll, np.concatenate(agree))
+        if not has_nll:
+            # A reference without the source's per-token NLL: the perplexity ratio and Δp
+            # cannot be computed, only the divergence itself.
+            stats = {k: v for k, v in stats.items() if k.startswith(("kl_", "top1_"))}
+        out.update(stats)
+        out["kl_method"] = reference.method
     return out, rows
 
 
@@ -268,7 +333,7 @@ def run_accuracy(runtime_name: str, path: Path, device: str, threads: int, ids: 
         collect = None
         if write_reference is not None:
             full = wins.scored_tokens * session.vocab_size <= FULL_LIMIT
-            collect = lambda lp: (Reference.compact(lp, TOPK, full), lp[: min(len(lp), 8)])  # noqa: E731
+            collect = lambda lp, nll: (Reference.compact(lp, TOPK, full, nll), lp[: min(len(lp), 8)])  # noqa: E731
         metrics, rows = evaluate_windows(session.window_logprobs, wins, reference, collect=collect)
         if write_reference is not None:
             parts = [r[0] for r in rows]

@@ -131,7 +131,7 @@ def _nvidia_driver() -> str | None:
 @lru_cache(maxsize=None)
 def fingerprint(device: str) -> dict:
     """What results on `device` depend on, as a JSON-able dict."""
-    from pipeline.stage import tool_versions
+    from pipeline.core.stage import tool_versions
 
     cpu = _cpuinfo()
     fp: dict = {

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.report import Report
+from pipeline.core.report import Report
 
 
 def _points(report: Report, device: str, metric: str):
     pts = []
-    base = report.baseline.get(device, {}).get("metrics", {})
-    if base.get(metric) is not None and base.get("size_bytes"):
-        pts.append(("source", base["size_bytes"], base[metric]))
+    base = report.baseline.get(device)
+    if base is not None and getattr(base.metrics, metric) is not None and base.metrics.size_bytes:
+        pts.append(("source", base.metrics.size_bytes, getattr(base.metrics, metric)))
     for a in report.artifacts:
-        m = a.evals.get(device, {}).get("metrics", {})
-        if m.get(metric) is not None and m.get("size_bytes"):
-            pts.append((a.name, m["size_bytes"], m[metric]))
+        ev = a.evals.get(device)
+        if ev is not None and getattr(ev.metrics, metric) is not None and ev.metrics.size_bytes:
+            pts.append((a.name, ev.metrics.size_bytes, getattr(ev.metrics, metric)))
     return pts
 
 
@@ -28,7 +28,7 @@ def _scatter(report: Report, metric: str, ylabel: str, title: str, out: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    devices = [d for d, info in report.devices.items() if info.get("status") == "done"]
+    devices = [d for d, info in report.devices.items() if info.status == "done"]
     series = {d: _points(report, d, metric) for d in devices}
     if not any(series.values()):
         return None
@@ -59,7 +59,7 @@ def _data_key(report: Report) -> str:
     import hashlib
     import json
 
-    devices = sorted(d for d, info in report.devices.items() if info.get("status") == "done")
+    devices = sorted(d for d, info in report.devices.items() if info.status == "done")
     data = {d: {m: _points(report, d, m) for m in ("delta_ppl_pct", "kl_mean", "decode_tps")} for d in devices}
     return hashlib.sha256(json.dumps([report.recipe, data], sort_keys=True, default=str).encode()).hexdigest()
 

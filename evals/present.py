@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.report import Report
+from pipeline.core.report import EvalEntry, Report
 
-COLUMNS = ("artifact", "runtime", "size", "ppl", "Δppl%", "KLD", "top1%", "prefill t/s", "decode t/s",
+COLUMNS = ("artifact", "runtime", "size", "ppl", "Δppl%", "KLD", "KLD p99", "top1%", "prefill t/s", "decode t/s",
            "%roof", "gate")
 RUNTIME_SHORT = {"transformers": "hf", "llama_cpp": "llama.cpp", "tensorrt_llm": "trt-llm", "modelopt_dequant": "modelopt"}
 
@@ -28,24 +28,26 @@ def _f(v: Any, fmt: str) -> str:
 def rows_for_device(report: Report, device: str, notes: list[str] | None = None) -> list[list[str]]:
     """Table rows; the reasons of skipped or failed rows go to `notes` (they are long)."""
     rows = []
-    entries = [("source", report.baseline.get(device, {}), None)]
-    entries += [(a.name, a.evals.get(device, {}), a) for a in report.artifacts if a.status == "built"]
+    rec = report.recommendations.get(device)
+    entries = [("source", report.baseline.get(device) or EvalEntry(), None)]
+    entries += [(a.name, a.evals.get(device) or EvalEntry(), a) for a in report.built()]
     for name, ev, a in entries:
-        m = ev.get("metrics", {})
-        status = ev.get("status", "pending")
-        gate = "baseline" if a is None else (a.gates or {}).get("status", "-")
-        if status in ("skipped", "failed", "pending") and not m:
-            if notes is not None and ev.get("reason"):
-                notes.append(f"{name}: {status}: {ev['reason']}")
-            rows.append([name, ev.get("runtime", "-"), _size(a.bytes if a else None), status, "", "", "", "", "", "", gate])
+        m = ev.metrics
+        gate = "baseline" if a is None else (a.gates.status if a.gates else "-")
+        if rec is not None and a is not None and rec.artifact == a.name:
+            gate += " *"
+        if ev.status in ("skipped", "failed", "pending") and m.perplexity is None:
+            if notes is not None and ev.reason:
+                notes.append(f"{name}: {ev.status}: {ev.reason}")
+            rows.append([name, ev.runtime or "-", _size(a.bytes if a else None), ev.status, "", "", "", "", "", "", "", gate])
             continue
-        deq = " dq" if ev.get("dequantized") else ""
-        rt = ev.get("runtime", "-")
+        deq = " dq" if ev.dequantized else ""
+        rt = ev.runtime or "-"
         rows.append([
-            name, f"{RUNTIME_SHORT.get(rt, rt)}{deq}", _size(m.get("size_bytes")), _f(m.get("perplexity"), ".3f"),
-            _f(m.get("delta_ppl_pct"), "+.2f") if a else "", _f(m.get("kl_mean"), ".4f"),
-            _f(m.get("top1_agreement_pct"), ".1f"), _f(m.get("prefill_tps"), ",.0f"), _f(m.get("decode_tps"), ",.1f"),
-            _f(m.get("roofline_pct"), ".0f"), gate if status == "done" else f"{gate} ({status})",
+            name, f"{RUNTIME_SHORT.get(rt, rt)}{deq}", _size(m.size_bytes), _f(m.perplexity, ".3f"),
+            _f(m.delta_ppl_pct, "+.2f") if a else "", _f(m.kl_mean, ".4f") if a else "", _f(m.kl_p99, ".3f") if a else "",
+            _f(m.top1_agreement_pct, ".1f") if a else "", _f(m.prefill_tps, ",.0f"), _f(m.decode_tps, ",.1f"),
+            _f(m.roofline_pct, ".0f"), gate if ev.status == "done" else f"{gate} ({ev.status})",
         ])
     return rows
 
@@ -56,15 +58,15 @@ def render(report: Report, console=None) -> None:
     from rich.table import Table
 
     if console is None:
-        from pipeline.summary import make_console
+        from pipeline.cli.tables import make_console
 
         console = make_console()
     for device, info in report.devices.items():
-        if info.get("status") != "done":
-            console.print(f"[bold]{device}[/]: {info.get('status')} - {info.get('reason', '')}")
+        if info.status != "done":
+            console.print(f"[bold]{device}[/]: {info.status} - {info.reason or ''}")
             continue
-        fp = info.get("fingerprint", {})
-        title = f"{report.recipe} on {device}: {fp.get('gpu') or fp.get('cpu_model', '')} [{info.get('fingerprint_hash', '')}]"
+        fp = info.fingerprint
+        title = f"{report.recipe} on {device}: {fp.get('gpu') or fp.get('cpu_model', '')} [{info.fingerprint_hash or ''}]"
         table = Table(title=title, title_justify="left")
         for c in COLUMNS:
             table.add_column(c, justify="left" if c in ("artifact", "runtime", "gate") else "right")
@@ -74,10 +76,14 @@ def render(report: Report, console=None) -> None:
         console.print(table)
         for note in notes:
             console.print(f"  {note}", markup=False)
-        bw = info.get("bandwidth", {})
+        rec = report.recommendations.get(device)
+        if rec is not None:
+            line = f"recommended on {device}: {rec.artifact} (*) - {rec.reason}" if rec.artifact else f"recommended on {device}: none - {rec.reason}"
+            console.print("  " + line, markup=False)
+        bw = info.bandwidth
         if bw.get("bandwidth_gbs"):
             console.print(f"  %roof: decode tok/s as % of {bw['bandwidth_gbs']} GB/s ({bw.get('method')}) / weight bytes "
-                          "read per token; dq: low-bit weights were dequantized to run (no low-bit kernels)")
+                          "read per token; dq: low-bit weights were dequantized to run (no low-bit kernels)", markup=False)
 
 
 def print_eval_tables(report: Report, console=None) -> None:

@@ -64,7 +64,7 @@ def device_bandwidth(artifacts_dir: Path, device: str, fingerprint_hash: str, lo
     """The device's bandwidth, measured once per fingerprint and cached in the store."""
     import hashlib
 
-    from pipeline.store import Store
+    from pipeline.core.store import Store
 
     store = Store(artifacts_dir)
     key = hashlib.sha256(json.dumps({"roofline": ROOFLINE_VERSION, "device": fingerprint_hash}).encode()).hexdigest()

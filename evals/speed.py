@@ -80,7 +80,7 @@ def measure(runtime_name: str, path: Path, device: str, threads: int, prompt_len
             decode_tokens: int, batch_sizes: list[int], warmup: int, min_iterations: int,
             min_seconds: float) -> dict:
     from evals.runtimes import get_runtime
-    from pipeline.store import file_table
+    from pipeline.core.store import file_table
 
     rt = get_runtime(runtime_name)
     t0 = time.perf_counter()

@@ -1,149 +1,18 @@
-"""Run a plan: each stage once per cache key, outputs into the store, results into report.json.
-
-A stage whose key is in the store is a hit and does no work. A failed stage
-leaves nothing in the store; stages that need it are skipped with the reason,
-and independent targets still build.
-"""
+"""The build job: plan a recipe, run its build stages, merge the results into report.json."""
 
 from __future__ import annotations
 
-import shutil
-import time
-import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pipeline
-from pipeline.errors import InvalidInput, QuantforgeError, StageFailed
-from pipeline.plan import Plan, make_plan
+from pipeline.core.plan import Plan, make_plan
+from pipeline.core.report import ArtifactReport, SourceReport, StageRecord, report_path, updating
+from pipeline.core.runner import StageResult, execute, stage_keys
+from pipeline.errors import StageFailed
 from pipeline.recipe import LoadedRecipe
-from pipeline.report import ArtifactReport, SourceReport, StageRecord, report_path, updating
-from pipeline.stage import Stage, StageContext, StageOutput
-from pipeline.store import Store
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class StageResult:
-    stage: Stage
-    key: str
-    status: str  # hit | built | failed | skipped
-    output: StageOutput | None = None
-    reason: str | None = None
-    seconds: float = 0.0
-
-
-def stage_keys(stages: list[Stage]) -> dict[str, str]:
-    """Every stage's cache key; keys chain through inputs, so order matters."""
-    keys: dict[str, str] = {}
-    for s in stages:
-        keys[s.name] = s.key(keys)
-    return keys
-
-
-def plan_status(plan: Plan, artifacts_dir: Path, targets: list[str] | None = None) -> list[tuple[Stage, str, str]]:
-    """(stage, key, hit|miss|skip: reason) for `quantforge plan`, without running anything."""
-    store = Store(artifacts_dir)
-    stages = plan.select(targets)
-    keys = stage_keys(plan.stages)
-    rows = []
-    for s in stages:
-        if s.skip_reason:
-            rows.append((s, keys[s.name], f"skip: {s.skip_reason}"))
-        else:
-            rows.append((s, keys[s.name], "hit" if store.get(s.kind, keys[s.name]) else "miss"))
-    return rows
-
-
-def execute(
-    stages: list[Stage],
-    artifacts_dir: Path,
-    log: Log = print,
-    keys: dict[str, str] | None = None,
-    logs_dir: Path | None = None,
-    progress: Callable[[StageResult], None] | None = None,
-) -> dict[str, StageResult]:
-    store = Store(artifacts_dir)
-    store.clean_stale_tmp()
-    keys = keys or stage_keys(stages)
-    results: dict[str, StageResult] = {}
-    for stage in stages:
-        results[stage.name] = _run_one(stage, keys, results, store, Path(artifacts_dir), log, logs_dir)
-        if progress:
-            progress(results[stage.name])
-    return results
-
-
-def _run_one(stage: Stage, keys, results, store: Store, artifacts_dir: Path, log: Log, logs_dir: Path | None) -> StageResult:
-    key = keys[stage.name]
-    if stage.skip_reason:
-        return StageResult(stage, key, "skipped", reason=stage.skip_reason)
-    inputs: dict[str, StageOutput] = {}
-    for local, upstream in stage.inputs.items():
-        r = results.get(upstream)
-        if r is None or r.output is None:
-            why = r.reason if r else "not run"
-            return StageResult(stage, key, "skipped", reason=f"needs {upstream}, which did not build ({why})")
-        inputs[local] = r.output
-    found = store.get(stage.kind, key)
-    if found:
-        return StageResult(stage, key, "hit", output=StageOutput(stage.name, key, store.path_for(stage.kind, key), found))
-    with store.lock(key):
-        found = store.get(stage.kind, key)  # another build may have finished it while we waited
-        if found:
-            return StageResult(stage, key, "hit", output=StageOutput(stage.name, key, store.path_for(stage.kind, key), found))
-        tmp = store.new_tmp(stage.kind, key)
-        stage_log = _stage_logger(stage, log, logs_dir)
-        log(f"[{stage.name}] building ({stage.description or stage.kind})")
-        start = time.perf_counter()
-        try:
-            ctx = StageContext(stage=stage, out_dir=tmp, inputs=inputs, log=stage_log, artifacts_dir=artifacts_dir)
-            facts = stage.run(ctx) if stage.run else {}
-            seconds = time.perf_counter() - start
-            manifest = {
-                "stage": stage.name,
-                "version": stage.version,
-                "params": stage.params,
-                "inputs": {k: {"stage": v, "key": keys[v]} for k, v in stage.inputs.items()},
-                "tools": stage.tools,
-                "device_fingerprint": stage.device_fingerprint,
-                "quantforge_version": pipeline.__version__,
-                "seconds": round(seconds, 3),
-                "result": facts or {},
-            }
-            path, manifest = store.commit(tmp, stage.kind, key, manifest)
-        except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            seconds = time.perf_counter() - start
-            reason = str(exc) if isinstance(exc, QuantforgeError) else f"{type(exc).__name__}: {exc}"
-            stage_log(traceback.format_exc())
-            log(f"[{stage.name}] FAILED after {seconds:.1f}s: {reason}")
-            if isinstance(exc, InvalidInput):
-                raise
-            return StageResult(stage, key, "failed", reason=reason, seconds=seconds)
-        except BaseException:  # KeyboardInterrupt/SIGTERM: leave nothing half-written
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    log(f"[{stage.name}] built in {seconds:.1f}s")
-    return StageResult(stage, key, "built", output=StageOutput(stage.name, key, path, manifest), seconds=seconds)
-
-
-def _stage_logger(stage: Stage, log: Log, logs_dir: Path | None) -> Log:
-    log_file = None
-    if logs_dir is not None:
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        log_file = logs_dir / (stage.name.replace("/", "__") + ".log")
-
-    def emit(msg: str) -> None:
-        if log_file is not None:
-            with open(log_file, "a", encoding="utf-8") as f:
-                f.write(msg.rstrip() + "\n")
-        if "Traceback" not in msg:
-            log(f"[{stage.name}] {msg}")
-
-    return emit
 
 
 # ------------------------------------------------------------------ build command
@@ -168,7 +37,7 @@ def ensure_source(loaded: LoadedRecipe, artifacts_dir: Path, log: Log = print) -
     An eval job on another runner pulled the artifacts but not the source: the
     source stage is cached (a hit here, or a download or the demo training).
     """
-    from pipeline.source import source_stage
+    from pipeline.sources import source_stage
 
     rpath = report_path(artifacts_dir, loaded.recipe.name)
     with updating(rpath, loaded.recipe.name) as report:

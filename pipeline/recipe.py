@@ -31,22 +31,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import InvalidInput, Problem
-
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
-
-
-class Strict(BaseModel):
-    """Base for every recipe section: unknown keys are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from pipeline.spec import NAME_PATTERN, GateSpec, Strict
+from pipeline.targets import KINDS, declaration, settings_classes, unknown_kind_message
 
 
 # --------------------------------------------------------------------- source
 class SourceSpec(Strict):
     """Where the unquantized model comes from.
 
-    ``model`` is ``builtin:<variant>`` (a demo model the project trains), a local
-    folder (absolute, or relative to the recipe file), or a hub id ``org/name``.
+    ``model`` is ``builtin:<name>`` (a model shipped with or trained by quantforge),
+    a local Hugging Face folder or a local ``.gguf`` file (absolute, or relative to
+    the recipe file), or a hub id ``org/name`` at ``revision``.
     """
 
     model: str
@@ -63,7 +58,11 @@ class SourceSpec(Strict):
 
 # ---------------------------------------------------------------- calibration
 class CalibrationSpec(Strict):
-    """Text used to calibrate quantizers; tokenized once and shared by every target."""
+    """Text used to calibrate quantizers; tokenized once and shared by every target.
+
+    ``chat_template: true`` wraps each text as a user turn of the source's chat
+    template (what an instruct model sees when served).
+    """
 
     dataset: str = "builtin"
     split: str = "train"
@@ -74,143 +73,15 @@ class CalibrationSpec(Strict):
     chat_template: bool = False
 
 
-# -------------------------------------------------------------------- gates
-class GateSpec(Strict):
-    """Thresholds an artifact must meet on every required device to be promoted.
-
-    ``None`` switches a check off.
-    """
-
-    max_perplexity_increase_pct: float | None = Field(5.0, ge=0)
-    max_kl_divergence: float | None = Field(None, ge=0)
-    min_top1_agreement_pct: float | None = Field(None, ge=0, le=100)
-    min_decode_speedup: float | None = Field(None, gt=0)
-    required_devices: list[str] | None = None
-
-
-class GateOverride(Strict):
-    """Per-target overrides of the recipe's gates; unset keys keep the recipe's value."""
-
-    max_perplexity_increase_pct: float | None = Field(None, ge=0)
-    max_kl_divergence: float | None = Field(None, ge=0)
-    min_top1_agreement_pct: float | None = Field(None, ge=0, le=100)
-    min_decode_speedup: float | None = Field(None, gt=0)
-
-
 # ------------------------------------------------------------------ targets
-GroupSize = Union[Annotated[int, Field(ge=1)], Literal["channel"]]
+def _target_union():
+    """The discriminated union of every registered kind's settings class."""
+    classes = tuple(settings_classes())
+    return Annotated[Union[classes], Field(discriminator="kind")]  # type: ignore[valid-type]
 
 
-class TargetBase(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
-    gates: GateOverride | None = None
-
-    #: Stays False for kinds whose every variant is calibration-free.
-    def needs_calibration(self) -> bool:
-        return True
-
-
-class GptqTarget(TargetBase):
-    """GPTQ weight-only quantization (W4A16 by default) through llm-compressor."""
-
-    kind: Literal["gptq"]
-    bits: Literal[4, 8] = 4
-    group_size: GroupSize = 128
-    symmetric: bool = True
-    act_order: bool = False
-    dampening_frac: float = Field(0.01, gt=0, lt=1)
-    ignore: list[str] = ["lm_head"]
-
-
-class AwqMapping(Strict):
-    """One AWQ smoothing step: scale ``smooth_layer``'s output, balance these inputs."""
-
-    smooth_layer: str
-    balance_layers: list[str] = Field(min_length=1)
-
-
-class AwqTarget(TargetBase):
-    """AWQ (activation-aware) weight-only quantization through llm-compressor."""
-
-    kind: Literal["awq"]
-    bits: Literal[4, 8] = 4
-    group_size: GroupSize = 128
-    symmetric: bool = False
-    ignore: list[str] = ["lm_head"]
-    mappings: list[AwqMapping] | None = None
-    #: Points in AWQ's per-layer scale search (llm-compressor's default 20); fewer is faster, coarser.
-    n_grid: int = Field(20, ge=2, le=100)
-
-
-class Fp8Target(TargetBase):
-    """FP8 weights and activations (W8A8) through llm-compressor.
-
-    ``dynamic``: per-token activation scales at run time, no data needed;
-    ``static``: per-tensor activation scales calibrated on data;
-    ``block``: 128x128 block weight scales (DeepSeek-style), dynamic activations.
-    """
-
-    kind: Literal["fp8"]
-    scheme: Literal["dynamic", "static", "block"] = "dynamic"
-    kv_cache: bool = False
-    ignore: list[str] = ["lm_head"]
-
-    def needs_calibration(self) -> bool:
-        return self.scheme == "static" or self.kv_cache
-
-
-class GgufTarget(TargetBase):
-    """GGUF files for llama.cpp and Ollama: converted once, then quantized per type."""
-
-    kind: Literal["gguf"]
-    quants: list[str] = Field(min_length=1)
-    imatrix: bool = False
-    base_type: Literal["auto", "f32", "f16", "bf16"] = "auto"
-    pre_tokenizer: str | None = None
-
-    @field_validator("quants")
-    @classmethod
-    def _known_quant_types(cls, quants: list[str]) -> list[str]:
-        known = gguf_quant_types()
-        bad = [q for q in quants if q.upper() not in known]
-        if bad:
-            hints = []
-            for q in bad:
-                close = difflib.get_close_matches(q.upper(), sorted(known), n=1)
-                hints.append(f"{q!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"unknown llama.cpp quant type {', '.join(hints)}; known: {', '.join(sorted(known))}")
-        upper = [q.upper() for q in quants]
-        if len(set(upper)) != len(upper):
-            raise ValueError("quant types repeat")
-        return upper
-
-    def needs_calibration(self) -> bool:
-        return self.imatrix
-
-
-class TensorRtTarget(TargetBase):
-    """A ModelOpt-quantized checkpoint and, with tensorrt-llm 1.x on a GPU, an engine."""
-
-    kind: Literal["tensorrt"]
-    quant: Literal["fp8", "int4_awq", "nvfp4", "none"] = "fp8"
-    kv_cache_quant: Literal["fp8"] | None = None
-    output: Literal["checkpoint", "engine", "both"] = "both"
-    max_batch_size: int = Field(8, ge=1)
-    max_input_len: int = Field(1024, ge=1)
-    max_seq_len: int = Field(2048, ge=1)
-    max_num_tokens: int = Field(8192, ge=1)
-    tp_size: int = Field(1, ge=1)
-    pp_size: int = Field(1, ge=1)
-
-    def needs_calibration(self) -> bool:
-        return self.quant != "none"
-
-
-Target = Annotated[
-    Union[GptqTarget, AwqTarget, Fp8Target, GgufTarget, TensorRtTarget],
-    Field(discriminator="kind"),
-]
-TARGET_KINDS = ("gptq", "awq", "fp8", "gguf", "tensorrt")
+Target = _target_union()
+TARGET_KINDS = tuple(KINDS)
 
 
 # -------------------------------------------------------------------- evals
@@ -297,51 +168,102 @@ class LoadedRecipe(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
     recipe: Recipe
     path: Path
+    #: YAML path -> line, so later checks can locate what they find
+    lines: dict[tuple, int] = {}
+
+    def problem(self, loc: tuple, message: str) -> Problem:
+        return locate(str(self.path), loc, message, self.lines)
 
     def resolve(self, value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.path.parent / p)
 
 
-# ----------------------------------------------------------- loading & checks
-def gguf_quant_types() -> set[str]:
-    """llama.cpp's file types, as mirrored by the gguf package (`LlamaFileType`)."""
-    import gguf
+# ------------------------------------------------------------------ parsing
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; a megabyte is surely not one
 
-    names = set()
-    for member in gguf.LlamaFileType:
-        if member.name == "GUESSED":
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error.
+
+    PyYAML (like the YAML 1.1 spec's loaders) silently keeps the last value, so a
+    second ``targets:`` list would make the first disappear without a word.
+    """
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
             continue
-        names.add(member.name.removeprefix("MOSTLY_").removeprefix("ALL_"))
-    return names
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, f"a mapping key must be a scalar, not {type(key).__name__}", key_node.start_mark) from None
+        if key in seen:
+            raise DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int):
+        self.key, self.first, self.second = key, first, second
+        super().__init__(f"key {key!r} is given twice (lines {first} and {second}); a recipe states each key once")
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+MAX_NODES = 100_000
+
+
+def _expanded_size(node, memo: dict | None = None, depth: int = 0) -> int:
+    """Nodes of the document with every alias expanded (what pydantic would walk), counted
+    without expanding it: a few nested aliases ("billion laughs") expand exponentially."""
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
+    if depth > 200:
+        raise RecursionError
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo, depth + 1) + _expanded_size(v, memo, depth + 1) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(v, memo, depth + 1) for v in node.value)
+    memo[id(node)] = size
+    return size
 
 
 def line_index(text: str) -> dict[tuple, int]:
     """Map each YAML path (tuple of keys/indices) to its 1-based line number."""
     index: dict[tuple, int] = {}
     try:
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return index
 
-    def walk(node, path):
+    def walk(node, path, depth=0):
+        if depth > 64:  # a hostile, very deep document: enough for locating real recipe keys
+            return
         index[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 k = (*path, key.value)
-                index[k] = key.start_mark.line + 1
-                walk(value, k)
+                walk(value, k, depth + 1)
                 index[k] = key.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                walk(item, (*path, i))
+                walk(item, (*path, i), depth + 1)
 
     if root is not None:
         walk(root, ())
     return index
 
 
-def _problem(file: str, loc: tuple, message: str, lines: dict[tuple, int]) -> Problem:
+def locate(file: str, loc: tuple, message: str, lines: dict[tuple, int]) -> Problem:
+    """A Problem at the line of `loc`, or of its nearest located parent."""
     line = None
     probe = tuple(loc)
     while probe and line is None:
@@ -377,23 +299,16 @@ def _pydantic_problems(file: str, exc: ValidationError, data: Any, lines) -> lis
         loc = _clean_loc(tuple(err["loc"]), data)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            parent = loc[:-1]
-            node = data
-            for p in parent:
-                node = node[p]
-            allowed = _allowed_keys(parent, data)
+            allowed = _allowed_keys(loc[:-1], data)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key {loc[-1]!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
         elif err["type"] == "union_tag_invalid":
             kind = err["input"].get("kind") if isinstance(err["input"], dict) else err["input"]
-            msg = f"unknown target kind {kind!r}; known kinds: {', '.join(TARGET_KINDS)}"
-            close = difflib.get_close_matches(str(kind), TARGET_KINDS, n=1)
-            if close:
-                msg += f" (did you mean {close[0]!r}?)"
+            msg = unknown_kind_message(kind)
             loc = (*loc, "kind")
         elif err["type"] == "union_tag_not_found":
             msg = f"missing 'kind'; one of: {', '.join(TARGET_KINDS)}"
-        problems.append(_problem(file, loc, msg, lines))
+        problems.append(locate(file, loc, msg, lines))
     return problems
 
 
@@ -406,7 +321,7 @@ def _allowed_keys(parent: tuple, data: Any) -> list[str]:
         if isinstance(part, int):
             if model is _TARGETS_SENTINEL:
                 kind = node.get("kind") if isinstance(node, dict) else None
-                model = _TARGET_BY_KIND.get(kind)
+                model = declaration(kind).settings if kind in KINDS else None
             continue
         fields = getattr(model, "model_fields", {})
         if part == "targets":
@@ -418,7 +333,6 @@ def _allowed_keys(parent: tuple, data: Any) -> list[str]:
 
 
 _TARGETS_SENTINEL = object()
-_TARGET_BY_KIND = {"gptq": GptqTarget, "awq": AwqTarget, "fp8": Fp8Target, "gguf": GgufTarget, "tensorrt": TensorRtTarget}
 
 
 def _model_in(annotation) -> Any:
@@ -431,83 +345,52 @@ def _model_in(annotation) -> Any:
     return None
 
 
-def cross_field_problems(recipe: Recipe, file: str, lines) -> list[Problem]:
-    """Checks that span fields: unique names, calibration present where needed."""
-    problems = []
-    seen: dict[str, int] = {}
-    for i, t in enumerate(recipe.targets):
-        if t.name in seen:
-            problems.append(_problem(file, ("targets", i, "name"), f"duplicate target name {t.name!r} (also targets.{seen[t.name]})", lines))
-        else:
-            seen[t.name] = i
-        if t.needs_calibration() and recipe.calibration is None:
-            problems.append(_problem(file, ("targets", i, "kind"), f"target {t.name!r} ({t.kind}) needs calibration data: add a `calibration:` section (e.g. `calibration: {{dataset: builtin}}`)", lines))
-        if isinstance(t, TensorRtTarget) and t.max_input_len > t.max_seq_len:
-            problems.append(_problem(file, ("targets", i, "max_input_len"), f"max_input_len ({t.max_input_len}) exceeds max_seq_len ({t.max_seq_len})", lines))
-    if recipe.gates.required_devices:
-        for j, d in enumerate(recipe.gates.required_devices):
-            if d not in recipe.evals.devices:
-                problems.append(_problem(file, ("gates", "required_devices", j), f"device {d!r} is not in evals.devices {recipe.evals.devices}", lines))
-    return problems
-
-
-def source_problems(loaded: LoadedRecipe, file: str, lines) -> list[Problem]:
-    """Checks that need the source model's config: existence, and group sizes that divide."""
-    from pipeline.source import peek_source_config
-
-    recipe = loaded.recipe
-    try:
-        config = peek_source_config(loaded)
-    except InvalidInput as exc:
-        return [_problem(file, ("source", "model"), str(exc), lines)]
-    if config is None:  # a hub model we can't see offline: checked when it is downloaded
-        return []
-    return group_size_problems(recipe, config, file, lines)
-
-
-def linear_in_features(config: dict) -> dict[str, int]:
-    """Input width of each quantized Linear family of a decoder-only transformer."""
-    hidden = config.get("hidden_size")
-    inter = config.get("intermediate_size")
-    out = {}
-    if hidden:
-        out["q_proj/k_proj/v_proj/gate_proj/up_proj"] = hidden
-        heads = config.get("num_attention_heads")
-        head_dim = config.get("head_dim") or (hidden // heads if heads else None)
-        if heads and head_dim:
-            out["o_proj"] = heads * head_dim
-    if inter:
-        out["down_proj"] = inter
-    return out
-
-
-def group_size_problems(recipe: Recipe, config: dict, file: str, lines) -> list[Problem]:
-    problems = []
-    widths = linear_in_features(config)
-    for i, t in enumerate(recipe.targets):
-        gs = getattr(t, "group_size", None)
-        if not isinstance(gs, int):
-            continue
-        bad = {layer: width for layer, width in widths.items() if width % gs}
-        if bad:
-            model = config.get("architectures", ["the model"])[0]
-            layers = ", ".join(f"{layer} (input width {width})" for layer, width in bad.items())
-            problems.append(_problem(file, ("targets", i, "group_size"), f"group size {gs} does not divide {layers} of {model}; use a common divisor or 'channel'", lines))
-    return problems
-
-
-def load_recipe(path: str | Path, check_source: bool = True) -> LoadedRecipe:
-    """Read, validate and cross-check a recipe; raise InvalidInput with every problem."""
-    path = Path(path)
+def read_recipe_text(path: Path) -> str:
+    """The recipe file's text; InvalidInput (exit 2) for what is not a readable UTF-8 text file."""
     file = str(path)
     if not path.is_file():
-        raise InvalidInput([Problem(file=file, path="", message="recipe file not found")])
-    text = path.read_text()
+        raise InvalidInput([Problem(file=file, path="", message="recipe file not found" if not path.exists() else "not a file")])
     try:
-        data = yaml.safe_load(text)
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise InvalidInput([Problem(file=file, path="", message=f"{size} bytes is not a recipe (recipes are small YAML files; limit {MAX_RECIPE_BYTES} bytes)")])
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInput([Problem(file=file, path="", message=f"cannot read it: {exc.strerror or exc}")]) from None
+    if b"\0" in raw:
+        raise InvalidInput([Problem(file=file, path="", message="holds binary data (NUL bytes): a recipe is a UTF-8 YAML text file")])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InvalidInput([Problem(file=file, path="", line=line, message=f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): save the recipe as UTF-8")]) from None
+
+
+def parse_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and type-check a recipe: YAML syntax, duplicate keys, every field. No cross-checks.
+
+    :func:`pipeline.validation.load_recipe` adds the checks that span fields, the
+    kinds' own checks and the source's; use that one.
+    """
+    path = Path(path)
+    file = str(path)
+    text = read_recipe_text(path)
+    try:
+        loader = _UniqueKeyLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None and _expanded_size(node) > MAX_NODES:
+                raise InvalidInput([Problem(file=file, path="", message=f"expands to more than {MAX_NODES} YAML nodes (aliases?): too large to be a recipe")])
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except DuplicateKey as exc:
+        raise InvalidInput([Problem(file=file, path="", message=str(exc), line=exc.second)]) from None
+    except RecursionError:
+        raise InvalidInput([Problem(file=file, path="", message="nested too deeply to be a recipe")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise InvalidInput([Problem(file=file, path="", message=f"not valid YAML: {getattr(exc, 'problem', exc)}", line=mark.line + 1 if mark else None)]) from None
+        raise InvalidInput([Problem(file=file, path="", message=f"not valid YAML: {getattr(exc, 'problem', None) or exc}", line=mark.line + 1 if mark else None)]) from None
     if not isinstance(data, dict):
         raise InvalidInput([Problem(file=file, path="", message="a recipe is a YAML mapping (name:, source:, targets:, ...)")])
     lines = line_index(text)
@@ -515,13 +398,9 @@ def load_recipe(path: str | Path, check_source: bool = True) -> LoadedRecipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(_pydantic_problems(file, exc, data, lines)) from None
-    loaded = LoadedRecipe(recipe=recipe, path=path.resolve())
-    problems = cross_field_problems(recipe, file, lines)
-    if check_source:
-        problems += source_problems(loaded, file, lines)
-    if problems:
-        raise InvalidInput(problems)
-    return loaded
+    except RecursionError:
+        raise InvalidInput([Problem(file=file, path="", message="nested too deeply to be a recipe")]) from None
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), lines=lines)
 
 
 def json_schema() -> dict:

@@ -8,37 +8,65 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from pipeline.core.report import read_report, report_path
 from pipeline.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_STAGE_FAILED, InvalidInput
-from pipeline.recipe import LoadedRecipe, load_recipe
-from pipeline.report import read_report, report_path
+from pipeline.recipe import LoadedRecipe
+from pipeline.validation import load_recipe, validate_all  # noqa: F401 - validate_all is the validate command's
 
 Log = Callable[[str], None]
 
 
-def validate_all(paths: list[Path]) -> list[LoadedRecipe]:
-    """Validate every file; raise one InvalidInput carrying every problem of every file."""
-    loaded, problems = [], []
-    for p in paths:
-        try:
-            loaded.append(load_recipe(p))
-        except InvalidInput as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise InvalidInput(problems)
-    return loaded
-
-
-def plan_rows(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None):
-    from pipeline.build import plan_status
-    from pipeline.plan import make_plan
+def plan_rows(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, device: str = "auto"):
+    """(stage, key, status) for every build stage and every eval stage, without running anything."""
+    from pipeline.core.plan import make_plan
+    from pipeline.core.runner import stage_keys, stage_status
 
     loaded = load_recipe(recipe_path)
-    return plan_status(make_plan(loaded, artifacts_dir), artifacts_dir, targets)
+    plan = make_plan(loaded, artifacts_dir)
+    stages = plan.select(targets)
+    rows = stage_status(stages, artifacts_dir, stage_keys(plan.stages))
+    return rows + eval_plan_rows(loaded, artifacts_dir, plan, device, targets)
+
+
+def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str, targets: list[str] | None):
+    """The eval stages `quantforge eval` would run here. They are keyed by the artifacts'
+    content, known once built: artifacts not built yet show as `after build`."""
+    from evals.devices import resolve_devices
+    from evals.stages import eval_context, eval_stages
+    from pipeline.core.report import read_report
+    from pipeline.core.runner import stage_keys, stage_status
+    from pipeline.core.stage import Stage
+
+    recipe = loaded.recipe
+    report = read_report(report_path(artifacts_dir, recipe.name))
+    built_keys = stage_keys(plan.stages)
+    now, pending = resolve_devices(device, recipe.evals.devices)
+    artifacts = [(s.artifact.name, built_keys[s.name]) for s in plan.stages if s.artifact and (not targets or s.target in targets)]
+    rows = []
+    for d in now:
+        current = None
+        if report is not None and report.source is not None and report.source.path:
+            current = report.model_copy(deep=True)
+            # Only artifacts whose report entry is this plan's build: others are stale.
+            keep = {name for name, key in artifacts}
+            current.artifacts = [a for a in current.built() if a.name in keep and a.stage_key == dict(artifacts).get(a.name)]
+        stages = eval_stages(eval_context(loaded, d), current) if current is not None else []
+        done = {s.target for s in stages if s.target}
+        stages = [s for s in stages if not targets or s.target is None or s.target in targets]
+        rows += stage_status(stages, artifacts_dir, stage_keys(stages))
+        for name, _ in artifacts:
+            if name not in done:
+                rows.append((Stage(name=f"eval/{d}/{name}", kind="eval-artifact", version="", params={}, run=None,
+                                   description=f"{name} on {d}"), "-" * 12, "after build"))
+    for d in pending:
+        rows.append((Stage(name=f"eval/{d}/*", kind="eval", version="", params={}, run=None,
+                           description=f"every model on {d}"), "-" * 12, f"skip: device {d!r} is not on this machine; its CI eval job runs them"))
+    return rows
 
 
 def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
     from pipeline.build import build
-    from pipeline.summary import print_build_summary, stage_progress
+    from pipeline.cli.tables import print_build_summary, stage_progress
 
     artifacts_dir = Path(artifacts_dir).resolve()
     loaded = load_recipe(recipe_path)
@@ -59,7 +87,7 @@ def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: 
     ensure_source(loaded, artifacts_dir, log)
     report = evaluate(loaded, artifacts_dir, device, log=log)
     print_eval_tables(report)
-    failed = [a.name for a in report.artifacts if a.gates.get("passed") is False]
+    failed = [a.name for a in report.built() if a.gates is not None and a.gates.passed is False]
     if failed:
         log(f"gates failed: {', '.join(failed)}")
         if fail_on_gate:
@@ -68,7 +96,7 @@ def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: 
 
 
 def run_register(path: Path, artifacts_dir: Path, tracking_uri: str | None, log: Log) -> int:
-    from pipeline.registry import register_report
+    from pipeline.registry.register import register_report
 
     if path.suffix == ".json":
         rpath = path
@@ -82,7 +110,7 @@ def run_register(path: Path, artifacts_dir: Path, tracking_uri: str | None, log:
 
 
 def run_pull(recipe_path: Path, artifacts_dir: Path, tracking_uri: str | None, log: Log) -> int:
-    from pipeline.registry import pull_report
+    from pipeline.registry.register import pull_report
 
     loaded = load_recipe(recipe_path, check_source=False)
     pull_report(loaded.recipe.name, artifacts_dir, tracking_uri, recipe_sha256=loaded.recipe.sha256(), log=log)
@@ -90,13 +118,16 @@ def run_pull(recipe_path: Path, artifacts_dir: Path, tracking_uri: str | None, l
 
 
 def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, register: bool, tracking_uri: str | None, log: Log) -> int:
+    """Build, evaluate, register. A failed target does not stop the others: what built is
+    evaluated and registered (the failure is recorded on the build run), and the exit code
+    still says a stage failed."""
     code = run_build(recipe_path, artifacts_dir, None, log)
     eval_code = run_eval(recipe_path, artifacts_dir, device, fail_on_gate, log)
-    if code != EXIT_OK:
-        log("a stage failed: nothing is registered for this build (fix it and run again; built stages are cached)")
-        return code
     if register:
         run_register(recipe_path, artifacts_dir, tracking_uri, log)
     name = load_recipe(recipe_path, check_source=False).recipe.name
     log(f"done: report {report_path(artifacts_dir, name)}" + ("; browse the registry with `make ui`" if register and not tracking_uri else ""))
+    if code != EXIT_OK:
+        log("a stage failed (see the build table above): the targets that built were evaluated and registered")
+        return code
     return eval_code

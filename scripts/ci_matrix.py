@@ -191,7 +191,7 @@ def from_github_event(recipes_dir: Path, environ: dict[str, str] | None = None) 
 
 def make_matrices(recipe_paths: list[Path], runners: dict) -> dict[str, Any]:
     from pipeline.errors import InvalidInput
-    from pipeline.recipe import load_recipe
+    from pipeline.validation import load_recipe
 
     recipes, builds, evals, finalize = [], [], [], []
     seen_names: dict[str, str] = {}

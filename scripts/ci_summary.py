@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report is None:
         ap.error("give a report.json or --matrix")
-    from pipeline.report import read_report
+    from pipeline.core.report import read_report
 
     report = read_report(args.report)
     if report is None:

@@ -32,9 +32,9 @@ evals: {{devices: [cpu], max_windows: 4, context: 128}}
 @pytest.fixture(scope="session")
 def mini_model() -> Path:
     """A trained tiny-llama-mini HF folder (built through the real source stage, cached)."""
-    from pipeline.build import execute
-    from pipeline.recipe import load_recipe
-    from pipeline.source import source_stage
+    from pipeline.core.runner import execute
+    from pipeline.validation import load_recipe
+    from pipeline.sources import source_stage
 
     CACHE_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     recipe = CACHE_ARTIFACTS.parent / "mini-source.yaml"
@@ -47,7 +47,7 @@ def mini_model() -> Path:
 
 @pytest.fixture(scope="session")
 def heldout_text() -> str:
-    from pipeline.demo.corpus import corpus_text
+    from pipeline.data.corpus import corpus_text
 
     return corpus_text("heldout")
 

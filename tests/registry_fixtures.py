@@ -1,6 +1,6 @@
 """A small but real report.json with real artifact folders, for registry tests and screenshots.
 
-Artifacts are committed through ``pipeline.store.Store`` (so manifests carry real
+Artifacts are committed through ``pipeline.core.store.Store`` (so manifests carry real
 sha256s), evals and gates have the shapes the eval and gate stages write, and the
 recipe config is a validated ``Recipe`` dumped to a dict. Nothing here imports mlflow.
 
@@ -16,8 +16,8 @@ import zlib
 from pathlib import Path
 
 from pipeline.recipe import Recipe
-from pipeline.report import ArtifactReport, Report, SourceReport, read_report, report_path, updating, write_report
-from pipeline.store import Store
+from pipeline.core.report import ArtifactReport, Report, SourceReport, read_report, report_path, updating, write_report
+from pipeline.core.store import Store
 
 # The two artifacts: (name, target, kind, variant, format, runtimes, bits, group_size, files)
 ARTIFACTS = [

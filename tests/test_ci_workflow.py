@@ -174,7 +174,7 @@ def test_ci_local_runs_the_workflows_commands_in_the_same_order():
 
 # --------------------------------------------------------------- ci_matrix
 def test_matrix_of_the_shipped_recipes_splits_targets_by_kind():
-    from pipeline.recipe import load_recipe
+    from pipeline.validation import load_recipe
 
     runners = yaml.safe_load(RUNNERS.read_text())
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "ci_matrix.py"), "--all"], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -336,8 +336,8 @@ def test_changed_files_ignore_deleted_and_non_recipe_paths(git_repo, tmp_path):
 def report_file(tmp_path) -> Path:
     """A small real report: what build + eval on cpu write, with cuda still pending."""
     from evals.gates import evaluate_gates
-    from pipeline.recipe import GateSpec
-    from pipeline.report import ArtifactReport, Report, SourceReport, write_report
+    from pipeline.spec import GateSpec
+    from pipeline.core.report import ArtifactReport, Report, SourceReport, write_report
 
     spec = GateSpec(max_perplexity_increase_pct=5.0)
 

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli.main import app
-from pipeline.report import read_report, report_path
+from pipeline.core.report import read_report, report_path
 
 runner = CliRunner()
 
@@ -104,7 +104,7 @@ def test_register_with_unreachable_server_exits_1_and_keeps_results(flow):
 
 def test_eval_refuses_a_different_source_model(flow):
     """An eval runner whose source model differs from the build's must not compare against it."""
-    from pipeline.report import updating
+    from pipeline.core.report import updating
 
     recipe, artifacts, _ = flow
     assert invoke("build", recipe, "--target", "fp8", "--artifacts-dir", artifacts).exit_code == 0

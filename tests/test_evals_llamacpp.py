@@ -12,7 +12,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make
 
 @pytest.fixture(scope="module")
 def f32_gguf(mini_model, tmp_path_factory) -> Path:
-    from pipeline.gguf_convert import convert
+    from pipeline.targets.gguf.convert import convert
 
     out = tmp_path_factory.mktemp("gguf")
     # The demo tokenizer is a byte-level BPE with GPT-2's regex: llama.cpp's gpt-2 pre-tokenizer.

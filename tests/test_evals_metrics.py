@@ -9,7 +9,7 @@ import pytest
 
 from evals.accuracy import Reference, kl_divergence, log_softmax, make_windows, perplexity, token_nll, top1_agreement
 from evals.gates import evaluate_gates
-from pipeline.recipe import GateSpec
+from pipeline.spec import GateSpec
 
 
 def test_perplexity_by_hand():

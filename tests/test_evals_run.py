@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.report import ArtifactReport, Report, SourceReport, report_path, write_report
-from pipeline.store import content_hash, file_table
+from pipeline.core.report import ArtifactReport, Report, SourceReport, report_path, write_report
+from pipeline.core.store import content_hash, file_table
 
 RECIPE = """
 name: evtest
@@ -55,7 +55,7 @@ def _artifact(name: str, path: Path) -> ArtifactReport:
 @pytest.fixture(scope="module")
 def evaluated(mini_model, tmp_path_factory):
     from evals.run import evaluate
-    from pipeline.recipe import load_recipe
+    from pipeline.validation import load_recipe
 
     work = tmp_path_factory.mktemp("evals")
     copy, noisy = work / "copy", work / "noisy"

@@ -1,4 +1,4 @@
-"""pipeline.registry against real MLflow 3.17: a SQLite store, and a real `mlflow server` with artifact proxying.
+"""pipeline.registry.register against real MLflow 3.17: a SQLite store, and a real `mlflow server` with artifact proxying.
 
 No mocks: every check reads back what MLflow stored. One server for the module (its
 start is the slowest step here, ~5-30 s depending on load).
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import RegistryUnavailable, StageFailed
-from pipeline.registry import gate_summary, register_report, tracking_uri_for, _flatten
-from pipeline.report import read_report
-from pipeline.store import file_table
+from pipeline.registry.register import gate_summary, register_report, tracking_uri_for, _flatten
+from pipeline.core.report import read_report
+from pipeline.core.store import file_table
 try:
     from tests.registry_fixtures import add_device_results, make_report
 except ImportError:  # pytest's default import mode puts tests/, not the repo root, on sys.path
@@ -168,7 +168,7 @@ def test_sqlite_registration_matches_report_and_is_idempotent(store_dir, tmp_pat
 
 
 def _sha(p: Path) -> str:
-    from pipeline.store import sha256_file
+    from pipeline.core.store import sha256_file
 
     return sha256_file(p)
 

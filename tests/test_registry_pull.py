@@ -17,9 +17,9 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
-from pipeline.registry import REPORT_ARTIFACT, REPORT_TAG, merge_reports, pull_report, register_report
-from pipeline.report import ArtifactReport, Report, read_report, updating
-from pipeline.store import file_table, sha256_file
+from pipeline.registry.register import REPORT_ARTIFACT, REPORT_TAG, merge_reports, pull_report, register_report
+from pipeline.core.report import ArtifactReport, Report, read_report, updating
+from pipeline.core.store import file_table, sha256_file
 try:
     from tests.registry_fixtures import evals_for, make_report
 except ImportError:  # pytest's default import mode puts tests/, not the repo root, on sys.path

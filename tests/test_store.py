@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.build import execute, stage_keys
-from pipeline.stage import Stage
-from pipeline.store import MANIFEST, Store
+from pipeline.core.runner import execute, stage_keys
+from pipeline.core.stage import Stage
+from pipeline.core.store import MANIFEST, Store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,8 +92,8 @@ CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from pipeline.build import execute
-    from pipeline.stage import Stage
+    from pipeline.core.runner import execute
+    from pipeline.core.stage import Stage
 
     def slow(ctx):
         (ctx.out_dir / "big.bin").write_bytes(b"x" * 1000)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import llamacpp
+from pipeline.targets.gguf import llamacpp
 from pipeline.errors import InvalidInput
 
 NEEDS_LLAMA_CPP = llamacpp.missing(["llama-imatrix", "llama-quantize"])
@@ -33,8 +33,8 @@ TARGETS = """\
 
 
 def _plan(tmp: Path, model: Path, targets: str):
-    from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.core.plan import make_plan
+    from pipeline.validation import load_recipe
 
     recipe = tmp / "recipe.yaml"
     recipe.write_text(RECIPE.format(model=model, targets=targets))
@@ -43,7 +43,7 @@ def _plan(tmp: Path, model: Path, targets: str):
 
 @pytest.fixture(scope="module")
 def built(mini_model, tmp_path_factory):
-    from pipeline.build import execute
+    from pipeline.core.runner import execute
 
     if NEEDS_LLAMA_CPP:
         pytest.skip(NEEDS_LLAMA_CPP)
@@ -79,7 +79,7 @@ def test_unknown_pre_tokenizer_is_a_plan_error_with_suggestion(mini_model, tmp_p
 
 
 def test_plan_shares_one_conversion_and_names_artifacts(mini_model, tmp_path):
-    from pipeline.build import stage_keys
+    from pipeline.core.runner import stage_keys
 
     plan = _plan(tmp_path, mini_model, TARGETS)
     names = [s.name for s in plan.stages]
@@ -96,7 +96,7 @@ def test_plan_shares_one_conversion_and_names_artifacts(mini_model, tmp_path):
 # ------------------------------------------------------------------ pre-tokenizer
 @needs_llama_cpp
 def test_unrecognized_pre_tokenizer_names_hash_and_recipe_key(mini_model, tmp_path):
-    from pipeline.build import execute
+    from pipeline.core.runner import execute
 
     plan = _plan(tmp_path, mini_model, "  - {name: mygguf, kind: gguf, quants: [Q8_0]}\n")
     stages = [s for s in plan.stages if s.name in ("source", "mygguf/convert")]
@@ -204,7 +204,10 @@ def _nll_hf(model_dir: Path, windows) -> float:
 
 def _nll_llama(gguf_file: Path, windows) -> float:
     import numpy as np
-    from llama_cpp import Llama
+
+    from pipeline.targets.gguf.llamacpp import binding
+
+    Llama = binding().Llama
 
     llm = Llama(model_path=str(gguf_file), n_ctx=len(windows[0]), n_batch=len(windows[0]), n_threads=1, n_threads_batch=1,
                 logits_all=True, verbose=False)
@@ -235,7 +238,7 @@ def test_float_gguf_perplexity_equals_hf(built, mini_model, heldout_text, quant)
 # ------------------------------------------------------------------ errors
 @needs_llama_cpp
 def test_wrong_pre_tokenizer_fails_at_first_differing_token(mini_model, tmp_path):
-    from pipeline.build import execute
+    from pipeline.core.runner import execute
 
     # 'default' splits "'s" off differently from GPT-2's regex: llama.cpp then disagrees with HF.
     plan = _plan(tmp_path, mini_model, "  - {name: g, kind: gguf, pre_tokenizer: default, quants: [Q8_0]}\n")
@@ -247,7 +250,7 @@ def test_wrong_pre_tokenizer_fails_at_first_differing_token(mini_model, tmp_path
 
 
 def test_unsupported_architecture_says_so(tmp_path):
-    from pipeline.gguf_convert import UnsupportedArchitecture, convert
+    from pipeline.targets.gguf.convert import UnsupportedArchitecture, convert
 
     model = tmp_path / "model"
     model.mkdir()
@@ -259,7 +262,7 @@ def test_unsupported_architecture_says_so(tmp_path):
 
 def test_disk_space_is_checked_before_writing(tmp_path):
     from pipeline.errors import StageFailed
-    from pipeline.targets.gguf import check_disk, estimate_bytes
+    from pipeline.targets.gguf.stages import check_disk, estimate_bytes
 
     check_disk(tmp_path, 1024, "a small file")
     with pytest.raises(StageFailed, match="not enough disk space for the converted GGUF"):

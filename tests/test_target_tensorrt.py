@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InvalidInput, StageFailed
-from pipeline.recipe import TensorRtTarget
-from pipeline.trt_settings import build_settings
+from pipeline.targets.tensorrt import TensorRtTarget
+from pipeline.targets.tensorrt.settings import build_settings
 
 LLAMA_MINI = {"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
               "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 4096}
@@ -82,7 +82,7 @@ def test_device_requirements():
 
 
 def test_engine_skip_reasons():
-    from pipeline.targets.tensorrt import engine_skip_reason
+    from pipeline.targets.tensorrt.stages import engine_skip_reason
 
     s = build_settings(trt(quant="fp8"), LLAMA_MINI)
     h100 = (("NVIDIA H100 80GB HBM3", (9, 0)),)
@@ -108,14 +108,14 @@ evals: {{devices: [cpu], context: 128}}
 
 
 def _plan(write_recipe, targets: str, tmp_path):
-    from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.core.plan import make_plan
+    from pipeline.validation import load_recipe
 
     return make_plan(load_recipe(write_recipe(RECIPE.format(targets=targets))), tmp_path / "artifacts")
 
 
 def test_plan_stages_without_tensorrt_llm(write_recipe, tmp_path):
-    from pipeline.targets.tensorrt import torch_cuda_available, trtllm_version
+    from pipeline.targets.tensorrt.stages import torch_cuda_available, trtllm_version
 
     if trtllm_version() is not None or torch_cuda_available():
         pytest.skip("this test describes a machine without tensorrt-llm and without CUDA")
@@ -148,7 +148,7 @@ def _calib(model_dir: Path, samples: int, seq_len: int):
     import numpy as np
     from transformers import AutoTokenizer
 
-    from pipeline.demo.corpus import corpus_text
+    from pipeline.data.corpus import corpus_text
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(corpus_text("train")[:100_000], add_special_tokens=False)["input_ids"][: samples * seq_len]
@@ -157,7 +157,7 @@ def _calib(model_dir: Path, samples: int, seq_len: int):
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(mini_model, heldout_text, tmp_path_factory):
-    from pipeline.modelopt_checkpoint import build_checkpoint
+    from pipeline.targets.tensorrt.checkpoint import build_checkpoint
 
     out = tmp_path_factory.mktemp("fp8")
     facts = build_checkpoint(mini_model, out, quant="fp8", kv_cache_quant="fp8", calib_ids=_calib(mini_model, 8, 128),
@@ -166,7 +166,7 @@ def fp8_checkpoint(mini_model, heldout_text, tmp_path_factory):
 
 
 def test_fp8_checkpoint_verified(fp8_checkpoint, mini_model):
-    from pipeline.modelopt_checkpoint import MAX_PPL_INCREASE_PCT, read_quant_config
+    from pipeline.targets.tensorrt.checkpoint import MAX_PPL_INCREASE_PCT, read_quant_config
 
     out, facts = fp8_checkpoint
     config, hq = read_quant_config(out)
@@ -181,7 +181,7 @@ def test_fp8_checkpoint_verified(fp8_checkpoint, mini_model):
 
 
 def test_int4_awq_checkpoint_verified(mini_model, heldout_text, tmp_path):
-    from pipeline.modelopt_checkpoint import MAX_PPL_INCREASE_PCT, build_checkpoint, read_quant_config
+    from pipeline.targets.tensorrt.checkpoint import MAX_PPL_INCREASE_PCT, build_checkpoint, read_quant_config
 
     facts = build_checkpoint(mini_model, tmp_path, quant="int4_awq", kv_cache_quant=None,
                              calib_ids=_calib(mini_model, 8, 64), heldout_text=heldout_text, seq_len=256)
@@ -200,7 +200,7 @@ def test_verification_catches_a_wrong_scale(fp8_checkpoint, mini_model, tmp_path
     """Scales off by 1.5x (what a reader ignoring the layout would do) must fail the stage."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.modelopt_checkpoint import verify_checkpoint
+    from pipeline.targets.tensorrt.checkpoint import verify_checkpoint
 
     out, _ = fp8_checkpoint
     bad = tmp_path / "bad"
@@ -216,7 +216,7 @@ def test_verification_catches_a_wrong_scale(fp8_checkpoint, mini_model, tmp_path
 
 
 def test_plain_transformers_is_refused(fp8_checkpoint, mini_model):
-    from pipeline.modelopt_checkpoint import ModelOptCheckpointRefused, refuse_plain_transformers
+    from pipeline.targets.tensorrt.checkpoint import ModelOptCheckpointRefused, refuse_plain_transformers
 
     out, _ = fp8_checkpoint
     with pytest.raises(ModelOptCheckpointRefused, match="vLLM") as exc:
@@ -229,8 +229,8 @@ def test_trtllm_checkpoint_for_tp2(mini_model, tmp_path):
     """The trtllm-build input, exported on CPU: quant algo and tp mapping as the settings say."""
     import numpy as np
 
-    from pipeline.stage import StageContext, StageOutput
-    from pipeline.targets.tensorrt import run_trtllm_checkpoint
+    from pipeline.core.stage import StageContext, StageOutput
+    from pipeline.targets.tensorrt.stages import run_trtllm_checkpoint
 
     cal = tmp_path / "cal"
     cal.mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import InvalidInput
-from pipeline.recipe import AwqMapping, AwqTarget, GptqTarget
+from pipeline.targets.compressed import AwqMapping, AwqTarget, GptqTarget
 
 TARGETS = """\
   - {name: w4-gptq, kind: gptq, bits: 4, group_size: 128}
@@ -35,8 +35,8 @@ def recipe_text(model_dir: Path, targets: str = TARGETS, dtype: str = "bfloat16"
 
 
 def plan_for(path: Path, artifacts: Path):
-    from pipeline.plan import make_plan
-    from pipeline.recipe import load_recipe
+    from pipeline.core.plan import make_plan
+    from pipeline.validation import load_recipe
 
     return make_plan(load_recipe(path), artifacts)
 
@@ -44,7 +44,7 @@ def plan_for(path: Path, artifacts: Path):
 @pytest.fixture(scope="module")
 def built(mini_model, tmp_path_factory):
     """Every target built once through the runner: {stage name: StageResult}."""
-    from pipeline.build import execute
+    from pipeline.core.runner import execute
 
     root = tmp_path_factory.mktemp("compressed")
     recipe = root / "recipe.yaml"
@@ -146,7 +146,7 @@ def test_verifier_fails_when_an_ignored_module_changed(built, mini_model, tmp_pa
     import torch
     from safetensors.torch import load_file, save_file
 
-    from pipeline.targets.verify_compressed import verify
+    from pipeline.targets.compressed.verify import verify
 
     folder = tmp_path / "tampered"
     shutil.copytree(built["w4-gptq/quantize"].output.path, folder)
@@ -166,7 +166,7 @@ def test_fp8_dynamic_needs_no_calibration_input(built):
 
 
 def test_changing_a_param_changes_only_that_targets_key(mini_model, tmp_path):
-    from pipeline.build import stage_keys
+    from pipeline.core.runner import stage_keys
 
     a = tmp_path / "a.yaml"
     b = tmp_path / "b.yaml"
@@ -193,7 +193,7 @@ def tiny_llama(hidden: int = 96, inter: int = 192):
 
 
 def test_bad_group_size_names_the_layer():
-    from pipeline.targets.compressed import check_group_size
+    from pipeline.targets.compressed.stages import check_group_size
 
     with pytest.raises(InvalidInput) as err:
         check_group_size(tiny_llama(hidden=96), GptqTarget(name="g", kind="gptq", group_size=64))
@@ -203,7 +203,7 @@ def test_bad_group_size_names_the_layer():
 
 
 def test_bad_group_size_stops_the_stage_before_quantizing(tmp_path):
-    from pipeline.targets.compressed import quantize_to
+    from pipeline.targets.compressed.stages import quantize_to
 
     model = tiny_llama(hidden=96)
     model.save_pretrained(tmp_path / "src")
@@ -216,7 +216,7 @@ def test_awq_unmappable_architecture_names_the_class_and_the_recipe_key():
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
-    from pipeline.targets.compressed import check_awq_mappings
+    from pipeline.targets.compressed.stages import check_awq_mappings
 
     torch.manual_seed(0)
     opt = OPTForCausalLM(OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=256, word_embed_proj_dim=64))
@@ -231,7 +231,7 @@ def test_awq_unmappable_architecture_names_the_class_and_the_recipe_key():
 
 
 def test_awq_mapping_typo_is_named():
-    from pipeline.targets.compressed import check_awq_mappings
+    from pipeline.targets.compressed.stages import check_awq_mappings
 
     typo = [AwqMapping(smooth_layer="re:.*input_layernorm$", balance_layers=["re:.*q_prj$"])]
     with pytest.raises(InvalidInput, match=r"q_prj.*matches no layers of LlamaForCausalLM"):
@@ -241,7 +241,7 @@ def test_awq_mapping_typo_is_named():
 def test_out_of_memory_is_recognised_and_explained():
     import torch
 
-    from pipeline.targets.compressed import is_out_of_memory, oom_message
+    from pipeline.targets.compressed.stages import is_out_of_memory, oom_message
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(MemoryError())
@@ -257,7 +257,7 @@ def test_awq_cpu_workaround_patches_only_pin_memory_only_inside():
     import torch
     from llmcompressor.pipelines.cache import IntermediatesCache
 
-    from pipeline.targets.compressed import awq_cpu_pin_memory_guard
+    from pipeline.targets.compressed.stages import awq_cpu_pin_memory_guard
 
     if torch.accelerator.is_available():
         pytest.skip("the workaround only applies without an accelerator")
@@ -276,7 +276,7 @@ def test_awq_cpu_workaround_patches_only_pin_memory_only_inside():
 
 # ------------------------------------------------------------ placement
 def test_threads_default_to_one_on_two_cores_and_env_overrides(monkeypatch):
-    from pipeline.placement import THREADS_ENV, choose_placement, default_threads
+    from pipeline.core.placement import THREADS_ENV, choose_placement, default_threads
 
     assert default_threads(cpu_count=2) == 1
     assert default_threads(cpu_count=16) == 14

@@ -3,6 +3,11 @@
 Like lm-evaluation-harness's registry: a name maps to ``"module:attr"`` and the
 module is imported only when asked for, so the CLI starts without importing
 torch, llama.cpp, vLLM or TensorRT-LLM. Unknown names get a "did you mean".
+Which runtime evaluates which artifact format on which device is declared by the
+target kinds (``ArtifactFormat.eval_runtimes``) and chosen in
+:func:`evals.stages.choose_runtimes`. Adding a runtime: one module with a
+:class:`~evals.runtimes.base.Runtime` subclass, one line here, and its name in
+the declarations of the formats it loads.
 """
 
 from __future__ import annotations
@@ -20,21 +25,6 @@ RUNTIMES: dict[str, str] = {
     "modelopt_dequant": "evals.runtimes.modelopt_dequant_rt:ModelOptDequantRuntime",
 }
 
-#: artifact kind -> runtime name; None: no runtime here may load it (reason alongside).
-RUNTIME_FOR_KIND: dict[str, str | None] = {
-    "source": "transformers",
-    "gptq": "transformers",
-    "awq": "transformers",
-    "fp8": "transformers",
-    "gguf": "llama_cpp",
-    "tensorrt-engine": "tensorrt_llm",
-    # Served by TensorRT-LLM, vLLM (quantization="modelopt") or SGLang; plain transformers would
-    # load it silently wrong, so accuracy comes from dequantizing it by ModelOpt's layout.
-    "tensorrt-checkpoint": "modelopt_dequant",
-}
-NO_RUNTIME_REASON: dict[str, str] = {}
-
-
 def get_runtime(name: str):
     """The runtime object registered as `name` (its module imported now)."""
     if name not in RUNTIMES:
@@ -43,11 +33,3 @@ def get_runtime(name: str):
         raise InvalidInput(f"unknown runtime {name!r}{hint}; known: {', '.join(sorted(RUNTIMES))}")
     module, _, attr = RUNTIMES[name].partition(":")
     return getattr(importlib.import_module(module), attr)()
-
-
-def runtime_for(kind: str) -> tuple[str | None, str | None]:
-    """(runtime name, None) for an artifact kind, or (None, why nothing here can load it)."""
-    if kind not in RUNTIME_FOR_KIND:
-        return None, f"no runtime is registered for artifact kind {kind!r}"
-    name = RUNTIME_FOR_KIND[kind]
-    return (name, None) if name else (None, NO_RUNTIME_REASON.get(kind, f"no runtime loads {kind!r} here"))

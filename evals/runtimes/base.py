@@ -43,13 +43,15 @@ class Session:
 class Runtime:
     name: str = ""
     dists: tuple[str, ...] = ()
+    #: what its sessions can measure: "accuracy" needs full-vocabulary log-probabilities
+    measures: tuple[str, ...] = ("accuracy", "speed")
 
     def unavailable(self, device: str) -> str | None:
         """Why this runtime cannot run on `device` here, or None when it can."""
         return None
 
     def versions(self) -> dict[str, str]:
-        from pipeline.stage import tool_versions
+        from pipeline.core.stage import tool_versions
 
         return tool_versions(*self.dists)
 

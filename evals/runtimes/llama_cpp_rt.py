@@ -47,9 +47,15 @@ def gguf_weight_bytes(file: Path) -> tuple[int, int]:
     return total, total - (emb if has_output else 0)
 
 
+def _llama_cpp():
+    from pipeline.targets.gguf.llamacpp import binding
+
+    return binding()
+
+
 class LlamaCppSession(Session):
     def __init__(self, path: Path, device: str, threads: int, logits: bool, n_ctx: int = 0):
-        import llama_cpp
+        llama_cpp = _llama_cpp()
 
         self.file = gguf_file(path)
         self.llm = llama_cpp.Llama(
@@ -148,10 +154,12 @@ class LlamaCppRuntime(Runtime):
     dists = ("llama-cpp-python", "gguf")
 
     def unavailable(self, device: str) -> str | None:
-        reason = missing_module_reason("llama_cpp", "llama-cpp-python")
+        from pipeline.targets.gguf import llamacpp
+
+        reason = llamacpp.missing()
         if reason or device == "cpu":
             return reason
-        import llama_cpp
+        llama_cpp = _llama_cpp()
 
         if not llama_cpp.llama_supports_gpu_offload():
             return f"this llama-cpp-python build has no GPU offload, so it cannot run on {device!r}"
@@ -160,8 +168,7 @@ class LlamaCppRuntime(Runtime):
     def versions(self) -> dict[str, str]:
         out = super().versions()
         try:
-            import llama_cpp
-
+            llama_cpp = _llama_cpp()
             out["llama_cpp_system"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
         except Exception:  # the binding fails to load its shared library: versions stay as is
             pass

@@ -35,6 +35,7 @@ class TensorRtLlmSession(Session):
 
 class TensorRtLlmRuntime(Runtime):
     name = "tensorrt_llm"
+    measures = ("speed",)  # top-k prompt logprobs at most: no full-vocabulary KL
     dists = ("tensorrt-llm", "tensorrt")
 
     def unavailable(self, device: str) -> str | None:

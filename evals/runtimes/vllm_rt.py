@@ -40,6 +40,7 @@ class VllmSession(Session):
 
 class VllmRuntime(Runtime):
     name = "vllm"
+    measures = ("speed",)  # top-k prompt logprobs at most: no full-vocabulary KL
     dists = ("vllm", "torch")
 
     def unavailable(self, device: str) -> str | None:

@@ -10,7 +10,7 @@
 
 A suite YAML has ``name``, ``dataset``, ``split``, ``column`` and optional
 ``description``; unknown keys are errors. Texts are loaded with
-:func:`pipeline.textdata.load_texts` and joined by a blank line, the way
+:func:`pipeline.data.text.load_texts` and joined by a blank line, the way
 llama.cpp's perplexity tool reads one text file.
 """
 
@@ -75,7 +75,7 @@ def resolve_suite(suite: str, *, base_dir: Path, column: str = "text") -> SuiteS
         if not path.is_file():
             raise InvalidInput(f"evals.suite: suite file not found: {path}")
         return _read_spec(path)
-    from pipeline.textdata import is_local
+    from pipeline.data.text import is_local
 
     if is_local(suite) or "/" in suite:
         return SuiteSpec(name=Path(suite).stem if is_local(suite) else suite, dataset=suite, split="test", column=column)
@@ -86,7 +86,7 @@ def resolve_suite(suite: str, *, base_dir: Path, column: str = "text") -> SuiteS
 
 def load_suite(suite: str, *, base_dir: Path, column: str = "text") -> Suite:
     spec = resolve_suite(suite, base_dir=base_dir, column=column)
-    from pipeline.textdata import load_texts
+    from pipeline.data.text import load_texts
 
     texts = load_texts(spec.dataset, base_dir=base_dir, split=spec.split, column=spec.column, what="evals.suite")
     if not texts:

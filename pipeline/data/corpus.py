@@ -1,4 +1,4 @@
-"""The shipped demo corpus (public-domain KJV narrative books; see corpus/SOURCE.md).
+"""The shipped demo corpus (public-domain KJV narrative books; see kjv/SOURCE.md).
 
 The file holds one paragraph per Bible chapter, paragraphs separated by one blank
 line. The split is deterministic and by whole paragraphs: every 20th paragraph
@@ -19,7 +19,7 @@ HELDOUT_EVERY = 20
 
 def corpus_path() -> Path:
     """Path of the shipped corpus file (UTF-8 plain text)."""
-    return Path(__file__).resolve().parent / "corpus" / "corpus.txt"
+    return Path(__file__).resolve().parent / "kjv" / "corpus.txt"
 
 
 @lru_cache(maxsize=1)

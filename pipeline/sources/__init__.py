@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pipeline.errors import InvalidInput, StageFailed
 from pipeline.recipe import LoadedRecipe
-from pipeline.stage import Stage, StageContext, tool_versions
-from pipeline.store import sha256_file
+from pipeline.core.stage import Stage, StageContext, tool_versions
+from pipeline.core.store import sha256_file
 
 # Files that make up a checkpoint; README, images and the like don't change the model.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".jinja", ".bin", ".py", ".tiktoken")
@@ -26,7 +26,7 @@ def builtin_variant(model: str) -> str:
 
 
 def _builtin_variants():
-    from pipeline.demo.train import VARIANTS
+    from pipeline.sources.tiny import VARIANTS
 
     return VARIANTS
 
@@ -127,7 +127,7 @@ def resolve_hub_commit(model: str, revision: str) -> str:
 def source_stage(loaded: LoadedRecipe) -> Stage:
     src = loaded.recipe.source
     if src.is_builtin:
-        from pipeline.demo.corpus import corpus_sha256
+        from pipeline.data.corpus import corpus_sha256
 
         variant = builtin_variant(src.model)
         peek_source_config(loaded)  # validates the variant name
@@ -167,13 +167,13 @@ def source_stage(loaded: LoadedRecipe) -> Stage:
 
 
 def _trainer_sha256() -> str:
-    from pipeline.demo import train
+    from pipeline.sources import tiny as train
 
     return sha256_file(Path(train.__file__))
 
 
 def _train_builtin(ctx: StageContext) -> dict:
-    from pipeline.demo.train import train_demo_model
+    from pipeline.sources.tiny import train_demo_model
 
     facts = train_demo_model(ctx.stage.params["variant"], ctx.out_dir, seed=ctx.stage.params["seed"], log=ctx.log)
     return {**facts, "fingerprint": fingerprint_dir(ctx.out_dir)}

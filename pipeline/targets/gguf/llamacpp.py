@@ -1,23 +1,29 @@
-"""Locating llama.cpp: the Python binding ``llama_cpp`` and the built CLI tools.
+"""Locating llama.cpp: its one build (tools and shared libraries) and the Python binding.
 
-``make setup`` (scripts/build_llama_cpp.sh) builds both from one llama-cpp-python
-sdist: the wheel (the binding) and ``llama-imatrix``, ``llama-perplexity``,
-``llama-bench``, ``llama-quantize`` into ``~/.cache/quantforge/llama.cpp-<version>/bin``
-(override with ``QUANTFORGE_LLAMA_CPP_BIN``). Building both from the same sources
-keeps the file formats they read and write (GGUF, imatrix) in step.
+``make setup`` (scripts/build_llama_cpp.sh) compiles llama.cpp once per version and
+backend into ``~/.cache/quantforge/llama.cpp-<version>-<backend>/bin``: the tools
+``llama-imatrix``, ``llama-perplexity``, ``llama-bench``, ``llama-quantize`` and the
+shared libraries (libllama, libggml*) they link. The Python binding
+(llama-cpp-python, built without its own copy) loads those same libraries through
+its ``LLAMA_CPP_LIB_PATH`` override, which :func:`binding` sets; so the binding and
+the tools always read and write the same formats (GGUF, imatrix) with the same
+kernels. On a machine with an NVIDIA GPU a ``cuda<arch>`` build is preferred when
+present. ``QUANTFORGE_LLAMA_CPP_BIN`` names another folder.
 
-Loading a GGUF with the binding happens in a child process (``python -m
-pipeline.llamacpp ...``): a llama.cpp crash (a segfault in a kernel, e.g. a native
-build's AMX kernels on quantized types, llama.cpp issue 20824) then fails one stage with a message instead of killing
-the whole build.
+Loading a GGUF with the binding for a check happens in a child process (``python -m
+pipeline.targets.gguf.llamacpp ...``): a llama.cpp crash (a segfault in a kernel, e.g.
+a native build's AMX kernels on quantized types, llama.cpp issue 20824) then fails one
+stage with a message instead of killing the whole build.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version as dist_version
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,6 +34,8 @@ BINDING_DIST = "llama_cpp_python"
 DEFAULT_VERSION = "0.3.36"  # the version scripts/build_llama_cpp.sh builds
 TOOLS = ("llama-imatrix", "llama-perplexity", "llama-bench", "llama-quantize")
 BIN_ENV = "QUANTFORGE_LLAMA_CPP_BIN"
+LIB_ENV = "LLAMA_CPP_LIB_PATH"  # llama-cpp-python's own override of where libllama is
+CACHE_ENV = "QUANTFORGE_CACHE"
 SETUP_HINT = "run `make setup` (scripts/build_llama_cpp.sh builds llama.cpp into ~/.cache/quantforge)"
 
 
@@ -43,13 +51,51 @@ def binding_version() -> str | None:
         return None
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "quantforge").expanduser()
+
+
+@lru_cache(maxsize=1)
+def _nvidia_gpu_present() -> bool:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return False
+    try:
+        return subprocess.run([exe, "-L"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def tools_dir() -> Path:
-    """Where the tools are: $QUANTFORGE_LLAMA_CPP_BIN, else the cache folder for the binding's version."""
+    """The llama.cpp build to use: $QUANTFORGE_LLAMA_CPP_BIN, else a CUDA build on a GPU machine, else the CPU build."""
     env = os.environ.get(BIN_ENV)
     if env:
         return Path(env).expanduser()
     v = binding_version() or DEFAULT_VERSION
-    return Path.home() / ".cache" / "quantforge" / f"llama.cpp-{v}" / "bin"
+    root = cache_dir()
+    if _nvidia_gpu_present():
+        for candidate in sorted(root.glob(f"llama.cpp-{v}-cuda*"), reverse=True):
+            if (candidate / "bin" / "libllama.so").is_file():
+                return candidate / "bin"
+    return root / f"llama.cpp-{v}-cpu" / "bin"
+
+
+def backend() -> str:
+    """cpu or cuda<arch>: which llama.cpp build runs here (from the build's VERSION file)."""
+    return _tools_version_file().get("backend", "cpu")
+
+
+def binding():
+    """The llama_cpp module, bound to the libraries of :func:`tools_dir` (imported on first use)."""
+    if binding_version() is None:
+        raise LlamaCppMissing(f"llama-cpp-python is not installed: {SETUP_HINT}")
+    lib = tools_dir()
+    if not (lib / "libllama.so").is_file() and not os.environ.get(LIB_ENV):
+        raise LlamaCppMissing(f"llama.cpp's libraries are not in {lib}: {SETUP_HINT} (or set {BIN_ENV})")
+    os.environ.setdefault(LIB_ENV, str(lib))
+    import llama_cpp
+
+    return llama_cpp
 
 
 def missing(tools: Sequence[str] = (), binding: bool = True) -> str | None:
@@ -58,6 +104,8 @@ def missing(tools: Sequence[str] = (), binding: bool = True) -> str | None:
     if binding and binding_version() is None:
         problems.append("the Python binding llama-cpp-python is not installed")
     absent = [t for t in tools if not (tools_dir() / t).is_file()]
+    if binding and not absent and not (tools_dir() / "libllama.so").is_file():
+        absent.append("libllama.so")
     if absent:
         problems.append(f"{', '.join(absent)} not found in {tools_dir()}")
     if not problems:
@@ -137,10 +185,9 @@ def tail(text: str, lines: int = 25) -> str:
 def _child(args: list[str], what: str, timeout: float = 600) -> dict:
     if binding_version() is None:
         raise LlamaCppMissing(f"llama-cpp-python is not installed: {SETUP_HINT}")
-    cmd = [sys.executable, "-m", "pipeline.llamacpp", *args]
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env)
+    from pipeline.core.proc import run_python
+
+    proc = run_python("pipeline.targets.gguf.llamacpp", args, timeout=timeout, env={LIB_ENV: str(tools_dir())})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
@@ -166,9 +213,7 @@ def greedy_decode(gguf_file: Path, prompt: str, n_tokens: int = 8) -> dict:
 
 
 def _load(path: str, **kw):
-    from llama_cpp import Llama
-
-    return Llama(model_path=path, verbose=False, **kw)
+    return binding().Llama(model_path=path, verbose=False, **kw)
 
 
 def _cmd_tokenize(path: str, text_file: str) -> dict:
@@ -194,7 +239,7 @@ def _cmd_decode(path: str, prompt: str, n_tokens: str) -> dict:
 def main(argv: list[str]) -> int:
     commands = {"tokenize": _cmd_tokenize, "decode": _cmd_decode}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m pipeline.llamacpp {{{','.join(commands)}}} ...", file=sys.stderr)
+        print(f"usage: python -m pipeline.targets.gguf.llamacpp {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2
     print(json.dumps(commands[argv[0]](*argv[1:])))
     return 0

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import InvalidInput, StageFailed
-from pipeline.perplexity import window_perplexity
+from pipeline.core.perplexity import window_perplexity
 
 # recipe quant -> ModelOpt config name (modelopt.torch.quantization.config)
 MODELOPT_CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "int4_awq": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
@@ -124,7 +124,7 @@ def refuse_plain_transformers(folder: str | Path) -> None:
         "loads FP8 weights without their scales (silently wrong) and refuses INT4/NVFP4. "
         "Serve it with TensorRT-LLM's PyTorch backend (tensorrt_llm.LLM(model=folder)), "
         "vLLM (LLM(model=folder, quantization='modelopt')) or SGLang; for a CPU accuracy "
-        "check use pipeline.modelopt_checkpoint.load_modelopt_dequantized(folder)."
+        "check use pipeline.targets.tensorrt.checkpoint.load_modelopt_dequantized(folder)."
     )
 
 

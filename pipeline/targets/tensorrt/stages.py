@@ -4,7 +4,7 @@ Stages (``<name>`` is the recipe target's name):
 
 * ``<name>/checkpoint`` (output checkpoint|both, quant != none): ModelOpt quantize +
   ``export_hf_checkpoint`` + tokenizer + model card, verified by reading it back
-  (:mod:`pipeline.modelopt_checkpoint`). Artifact kind ``tensorrt-checkpoint``; it is what
+  (:mod:`pipeline.targets.tensorrt.checkpoint`). Artifact kind ``tensorrt-checkpoint``; it is what
   TensorRT-LLM's PyTorch backend, vLLM and SGLang load.
 * ``<name>/trtllm-checkpoint`` (output engine|both): the same quantization exported with
   ``export_tensorrt_llm_checkpoint`` for tp/pp ranks -- the input ``trtllm-build`` reads.
@@ -12,7 +12,7 @@ Stages (``<name>`` is the recipe target's name):
   norms absorb AWQ scales), so this stage quantizes again from the same source and
   calibration data. Internal; no artifact.
 * ``<name>/engine`` (output engine|both): ``trtllm-build`` (tensorrt_llm/commands/build.py)
-  with the arguments of :mod:`pipeline.trt_settings`, then a short generation through the
+  with the arguments of :mod:`pipeline.targets.tensorrt.settings`, then a short generation through the
   LLM API's TensorRT backend (``tensorrt_llm._tensorrt_engine.LLM``, tensorrt_llm/llmapi/llm.py)
   in a child process. Device-specific: keyed by GPU name, compute capability, TensorRT and
   TensorRT-LLM versions. Artifact kind ``tensorrt-engine``.
@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import InvalidInput, StageFailed
-from pipeline.stage import ArtifactInfo, Stage, StageContext, tool_versions
+from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 
 CHECKPOINT_VERSION = "1"
 TRTLLM_CHECKPOINT_VERSION = "1"
@@ -138,14 +138,14 @@ def device_fingerprint(gpus=None) -> str | None:
 # ----------------------------------------------------------------------- helpers
 def _calibration_ids(out):
     """input_ids [samples, seq_len] of the calibration stage's output."""
-    from pipeline.calibration import load_calibration
+    from pipeline.data.calibration import load_calibration
 
     return load_calibration(out.path).input_ids
 
 
 def _source_config(ctx) -> dict | None:
     try:
-        from pipeline.source import peek_source_config
+        from pipeline.sources import peek_source_config
     except ImportError:
         return None
     try:
@@ -161,14 +161,14 @@ def _quant_device() -> str:
 
 
 def _heldout_text() -> str:
-    from pipeline.demo.corpus import corpus_text
+    from pipeline.data.corpus import corpus_text
 
     return corpus_text("heldout")
 
 
 # --------------------------------------------------------------------- run fns
 def run_checkpoint(ctx: StageContext, *, quant: str, kv_cache_quant: str | None, dtype: str, seq_len: int) -> dict:
-    from pipeline import modelopt_checkpoint as mc
+    from pipeline.targets.tensorrt import checkpoint as mc
 
     source = ctx.inputs["source"].model_dir
     calib = _calibration_ids(ctx.inputs["calibration"])
@@ -184,7 +184,7 @@ def run_trtllm_checkpoint(ctx: StageContext, *, settings_dict: dict, dtype: str)
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from modelopt.torch.export.model_utils import get_model_type
 
-    from pipeline import modelopt_checkpoint as mc
+    from pipeline.targets.tensorrt import checkpoint as mc
 
     quant, kv = settings_dict["quant"], ("fp8" if settings_dict["kv_cache_quant_algo"] == "FP8" else None)
     source = ctx.inputs["source"].model_dir
@@ -262,22 +262,12 @@ def verify_trtllm_checkpoint(folder: Path, settings_dict: dict) -> dict:
 
 
 # Child-process smoke test: load the engine with the LLM API's TensorRT backend and generate.
-_SMOKE = """
-import json, sys
-from tensorrt_llm._tensorrt_engine import LLM
-from tensorrt_llm import SamplingParams
-llm = LLM(model=sys.argv[1], tokenizer=sys.argv[1])
-out = llm.generate(["The"], SamplingParams(max_tokens=8))
-print(json.dumps({"text": out[0].outputs[0].text, "token_ids": list(out[0].outputs[0].token_ids)}))
-"""
-
-
 def run_engine(ctx: StageContext, *, settings_dict: dict) -> dict:
     import tempfile
     import time
 
-    from pipeline.modelopt_checkpoint import copy_tokenizer
-    from pipeline.trt_settings import TrtBuildSettings
+    from pipeline.targets.tensorrt.checkpoint import copy_tokenizer
+    from pipeline.targets.tensorrt.settings import TrtBuildSettings
 
     settings = TrtBuildSettings(**{**settings_dict, "notes": tuple(settings_dict.get("notes", ()))})
     ckpt = ctx.inputs["trtllm_checkpoint"].path
@@ -309,9 +299,12 @@ def run_engine(ctx: StageContext, *, settings_dict: dict) -> dict:
     if problems:
         raise StageFailed("engine does not match the build settings: " + "; ".join(problems))
     copy_tokenizer(ctx.inputs["source"].model_dir, ctx.out_dir)
-    smoke = subprocess.run([sys.executable, "-c", _SMOKE, str(ctx.out_dir)], capture_output=True, text=True)
+    from pipeline.core.proc import first_error_line, run_python
+
+    smoke = run_python("pipeline.targets.tensorrt.smoke", [ctx.out_dir])
     if smoke.returncode != 0:
-        raise StageFailed("the engine does not load/generate in TensorRT-LLM's TensorRT backend:\n" + smoke.stderr[-3000:])
+        ctx.log(smoke.stderr[-4000:])
+        raise StageFailed("the engine does not load/generate in TensorRT-LLM's TensorRT backend: " + first_error_line(smoke.stderr))
     sample = json.loads(smoke.stdout.strip().splitlines()[-1])
     (Path(ctx.out_dir) / "README.md").write_text(
         f"# TensorRT-LLM engine ({settings.quant_algo or 'unquantized'})\n\n"
@@ -327,8 +320,8 @@ def run_engine(ctx: StageContext, *, settings_dict: dict) -> dict:
 
 # ------------------------------------------------------------------------- plan
 def plan_stages(target, ctx) -> list[Stage]:
-    from pipeline.modelopt_checkpoint import MODELOPT_CONFIGS
-    from pipeline.trt_settings import build_settings
+    from pipeline.targets.tensorrt.checkpoint import MODELOPT_CONFIGS
+    from pipeline.targets.tensorrt.settings import build_settings
 
     recipe = ctx.recipe
     dtype = recipe.source.dtype
@@ -336,8 +329,6 @@ def plan_stages(target, ctx) -> list[Stage]:
     settings = build_settings(target, model_config, dtype=dtype)  # InvalidInput on bad tp, lengths, widths
     inputs = {"source": ctx.source_stage}
     if target.quant != "none":
-        if ctx.calibration_stage is None:
-            raise InvalidInput(f"target {target.name!r}: quant {target.quant} needs a calibration: section")
         inputs["calibration"] = ctx.calibration_stage
     nvfp4_skip = None
     if target.quant == "nvfp4" and not torch_cuda_available():

@@ -91,7 +91,7 @@ class Stage:
     description: str = ""
 
     def key(self, input_keys: dict[str, str]) -> str:
-        payload = {
+        return content_key({
             "kind": self.kind,
             "version": self.version,
             "params": self.params,
@@ -99,9 +99,13 @@ class Stage:
             "tools": dict(sorted(self.tools.items())),
             "device": self.device_fingerprint,
             "external": self.external_key,
-        }
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()
+        })
+
+
+def content_key(payload: dict[str, Any]) -> str:
+    """The one cache-key function: sha256 of the canonical JSON of what determines an output."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def tool_versions(*dists: str) -> dict[str, str]:

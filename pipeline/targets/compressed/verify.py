@@ -1,6 +1,6 @@
 """Verify a compressed-tensors checkpoint in a fresh process; print one JSON line.
 
-    python -m pipeline.targets.verify_compressed FOLDER --source SRC [--ignore lm_head]
+    python -m pipeline.targets.compressed.verify FOLDER --source SRC [--ignore lm_head]
         [--calibration CAL_DIR] [--expect-bits 4] [--expect-type int|float] [--threads 1]
 
 A fresh process so nothing from the quantizing process (patched modules, cached
@@ -32,7 +32,7 @@ FORWARD_TOKENS = 64
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.targets.verify_compressed", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.targets.compressed.verify", description=__doc__.splitlines()[0])
     p.add_argument("folder", type=Path)
     p.add_argument("--source", type=Path, required=True, help="the unquantized HF model folder")
     p.add_argument("--ignore", action="append", default=[], help="module names / 're:' patterns kept unquantized")

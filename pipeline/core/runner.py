@@ -1,0 +1,168 @@
+"""Run stages: each once per cache key, through the store's one run-once mechanism.
+
+A stage whose key is in the store is a hit and does no work. A failed stage
+leaves nothing in the store; stages that need it are skipped with the reason,
+and independent stages still run. Build stages and eval stages run here alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pipeline
+from pipeline.core.stage import Stage, StageContext, StageOutput
+from pipeline.core.store import Store
+from pipeline.errors import InvalidInput, QuantforgeError
+
+Log = Callable[[str], None]
+REASON_CHARS = 300
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    key: str
+    status: str  # hit | built | failed | skipped
+    output: StageOutput | None = None
+    reason: str | None = None
+    seconds: float = 0.0
+    log_file: Path | None = None
+
+
+def stage_keys(stages: list[Stage]) -> dict[str, str]:
+    """Every stage's cache key; keys chain through inputs, so order matters."""
+    keys: dict[str, str] = {}
+    for s in stages:
+        keys[s.name] = s.key(keys)
+    return keys
+
+
+def stage_status(stages: list[Stage], artifacts_dir: Path, keys: dict[str, str]) -> list[tuple[Stage, str, str]]:
+    """(stage, key, hit|miss|skip: reason) without running anything."""
+    store = Store(artifacts_dir)
+    rows = []
+    for s in stages:
+        if s.skip_reason:
+            rows.append((s, keys[s.name], f"skip: {s.skip_reason}"))
+        else:
+            rows.append((s, keys[s.name], "hit" if store.get(s.kind, keys[s.name]) else "miss"))
+    return rows
+
+
+def execute(
+    stages: list[Stage],
+    artifacts_dir: Path,
+    log: Log = print,
+    keys: dict[str, str] | None = None,
+    logs_dir: Path | None = None,
+    progress: Callable[[StageResult], None] | None = None,
+    inputs: dict[str, StageOutput] | None = None,
+) -> dict[str, StageResult]:
+    """Run `stages` in order; `inputs` are outputs of stages outside this list (already run)."""
+    store = Store(artifacts_dir)
+    store.clean_stale_tmp()
+    keys = keys or stage_keys(stages)
+    results: dict[str, StageResult] = {}
+    for stage in stages:
+        results[stage.name] = _run_one(stage, keys, results, inputs or {}, store, Path(artifacts_dir), log, logs_dir)
+        if progress:
+            progress(results[stage.name])
+    return results
+
+
+def _run_one(stage: Stage, keys, results, outside: dict[str, StageOutput], store: Store, artifacts_dir: Path,
+             log: Log, logs_dir: Path | None) -> StageResult:
+    key = keys[stage.name]
+    if stage.skip_reason:
+        return StageResult(stage, key, "skipped", reason=stage.skip_reason)
+    inputs: dict[str, StageOutput] = {}
+    for local, upstream in stage.inputs.items():
+        if upstream in outside:
+            inputs[local] = outside[upstream]
+            continue
+        r = results.get(upstream)
+        if r is None or r.output is None:
+            why = r.reason if r else "not run"
+            return StageResult(stage, key, "skipped", reason=f"needs {upstream}, which did not complete ({why})")
+        inputs[local] = r.output
+    log_file = _log_file(stage, logs_dir)
+    stage_log = _stage_logger(stage, log, log_file)
+    start = time.perf_counter()
+    seconds = 0.0
+
+    def produce(tmp: Path) -> dict:
+        nonlocal seconds
+        log(f"[{stage.name}] running ({stage.description or stage.kind})")
+        ctx = StageContext(stage=stage, out_dir=tmp, inputs=inputs, log=stage_log, artifacts_dir=artifacts_dir)
+        facts = stage.run(ctx) if stage.run else {}
+        seconds = time.perf_counter() - start
+        return {
+            "stage": stage.name,
+            "version": stage.version,
+            "params": stage.params,
+            "inputs": {k: {"stage": v, "key": keys.get(v) or inputs[k].key} for k, v in stage.inputs.items()},
+            "tools": stage.tools,
+            "device_fingerprint": stage.device_fingerprint,
+            "external_key": stage.external_key,
+            "quantforge_version": pipeline.__version__,
+            "seconds": round(seconds, 3),
+            "result": facts or {},
+        }
+
+    try:
+        entry = store.run_once(stage.kind, key, produce)
+    except InvalidInput:
+        raise
+    except Exception as exc:
+        seconds = time.perf_counter() - start
+        full = str(exc) if isinstance(exc, QuantforgeError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            full = f"the disk is full while writing under {store.root}: {full}. Free space (or point --artifacts-dir at a bigger disk) and run again; nothing was kept"
+        stage_log(full)
+        stage_log(traceback.format_exc())
+        reason = short_reason(full, log_file)
+        log(f"[{stage.name}] FAILED after {seconds:.1f}s: {reason}")
+        return StageResult(stage, key, "failed", reason=reason, seconds=seconds, log_file=log_file)
+    output = StageOutput(stage.name, key, entry.path, entry.manifest)
+    if entry.hit:
+        return StageResult(stage, key, "hit", output=output, log_file=log_file)
+    log(f"[{stage.name}] done in {seconds:.1f}s")
+    return StageResult(stage, key, "built", output=output, seconds=seconds, log_file=log_file)
+
+
+def short_reason(message: str, log_file: Path | None = None) -> str:
+    """What a table shows of a failure: its first meaningful line (never a backtrace) and where the rest is."""
+    first = ""
+    for line in message.strip().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "File \"", "#", "[")):
+            first = line
+            break
+    first = first or message.strip().splitlines()[0] if message.strip() else "failed"
+    if len(first) > REASON_CHARS:
+        first = first[: REASON_CHARS - 3] + "..."
+    more = len(message.strip().splitlines()) > 1 or len(message) > REASON_CHARS
+    return first + (f" (full log: {log_file})" if log_file is not None and more else "")
+
+
+def _log_file(stage: Stage, logs_dir: Path | None) -> Path | None:
+    if logs_dir is None:
+        return None
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    return logs_dir / (stage.name.replace("/", "__") + ".log")
+
+
+def _stage_logger(stage: Stage, log: Log, log_file: Path | None) -> Log:
+    def emit(msg: str) -> None:
+        if log_file is not None:
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(msg.rstrip() + "\n")
+        if "Traceback" not in msg and "\n" not in msg.strip():
+            log(f"[{stage.name}] {msg}")
+
+    return emit
