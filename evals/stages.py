@@ -95,7 +95,7 @@ class EvalContext:
     device: str
     fingerprint: dict
     fingerprint_hash: str
-    suite: Any  # evals.suites.Suite
+    suite: Any  # pipeline.data.suites.Suite
     threads: int
 
     @property
@@ -105,7 +105,7 @@ class EvalContext:
 
 def eval_context(loaded, device: str) -> EvalContext:
     from evals.devices import cpu_threads_default, fingerprint, fingerprint_hash
-    from evals.suites import load_suite
+    from pipeline.data.suites import load_suite
 
     recipe = loaded.recipe
     fp = fingerprint(device)

@@ -170,9 +170,11 @@ class LoadedRecipe(BaseModel):
     path: Path
     #: YAML path -> line, so later checks can locate what they find
     lines: dict[tuple, int] = {}
+    #: the path as the user gave it, for messages
+    file: str = ""
 
     def problem(self, loc: tuple, message: str) -> Problem:
-        return locate(str(self.path), loc, message, self.lines)
+        return locate(self.file or str(self.path), loc, message, self.lines)
 
     def resolve(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -400,7 +402,7 @@ def parse_recipe(path: str | Path) -> LoadedRecipe:
         raise InvalidInput(_pydantic_problems(file, exc, data, lines)) from None
     except RecursionError:
         raise InvalidInput([Problem(file=file, path="", message="nested too deeply to be a recipe")]) from None
-    return LoadedRecipe(recipe=recipe, path=path.resolve(), lines=lines)
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), lines=lines, file=file)
 
 
 def json_schema() -> dict:

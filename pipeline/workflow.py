@@ -110,7 +110,7 @@ def run_register(path: Path, artifacts_dir: Path, tracking_uri: str | None, log:
 
 
 def run_pull(recipe_path: Path, artifacts_dir: Path, tracking_uri: str | None, log: Log) -> int:
-    from pipeline.registry.register import pull_report
+    from pipeline.registry.pull import pull_report
 
     loaded = load_recipe(recipe_path, check_source=False)
     pull_report(loaded.recipe.name, artifacts_dir, tracking_uri, recipe_sha256=loaded.recipe.sha256(), log=log)

@@ -32,7 +32,8 @@ Prints one JSON object::
 It adds ``reason`` and ``promote`` (``true`` only on the default branch and on
 ``schedule``): pull-request builds must not move the promotion alias.
 
-One build job per (recipe, target), on the runner labels of the target's kind;
+One build job per (recipe, target), on the runner labels of the runner class the
+target's kind declares (``ci_runner`` in ``pipeline/targets/<kind>/__init__.py``);
 one eval job per (recipe, device in ``evals.devices``), on the device's labels.
 The labels come from ``.github/runners.yml`` (the only place they are written).
 Recipes are read with quantforge's own loader, so defaults (``evals.devices``
@@ -67,8 +68,8 @@ def load_runners(path: Path) -> dict[str, Any]:
     for key in ("build", "eval"):
         if not isinstance(data.get(key), dict):
             raise MatrixError(f"{path}: missing '{key}:' section")
-    if not isinstance(data["build"].get("kinds"), dict) or not isinstance(data["eval"].get("devices"), dict):
-        raise MatrixError(f"{path}: needs build.kinds and eval.devices mappings")
+    if not isinstance(data["build"].get("classes"), dict) or not isinstance(data["eval"].get("devices"), dict):
+        raise MatrixError(f"{path}: needs build.classes and eval.devices mappings")
     return data
 
 
@@ -81,10 +82,16 @@ def _labels(value: Any, where: str) -> Any:
 
 
 def build_labels(runners: dict, kind: str) -> Any:
-    kinds = runners["build"]["kinds"]
-    if kind not in kinds:
-        raise MatrixError(f"no runner for target kind {kind!r} in .github/runners.yml build.kinds (has: {', '.join(sorted(kinds))})")
-    return _labels(kinds[kind], f"build.kinds.{kind}")
+    """Labels for building a kind: its declared runner class, mapped by runners.yml."""
+    from pipeline.targets import ci_runner_classes
+
+    runner_class = ci_runner_classes().get(kind)
+    if runner_class is None:
+        raise MatrixError(f"unknown target kind {kind!r}")
+    classes = runners["build"]["classes"]
+    if runner_class not in classes:
+        raise MatrixError(f"target kind {kind!r} builds on runner class {runner_class!r}, which .github/runners.yml build.classes lacks (has: {', '.join(sorted(classes))})")
+    return _labels(classes[runner_class], f"build.classes.{runner_class}")
 
 
 def eval_labels(runners: dict, device: str) -> Any:

@@ -4,6 +4,7 @@
 #   scripts/mlflow_server.sh start DIR [PORT]   # DIR/mlflow.db, DIR/artifacts, DIR/server.pid, DIR/server.log
 #   scripts/mlflow_server.sh stop DIR
 #   scripts/mlflow_server.sh status DIR
+#   scripts/mlflow_server.sh kill DIR           # SIGKILL the server and its workers: a crash, for fault tests
 #
 # DIR is usually <artifacts-dir>/mlflow, the same store that `quantforge register`
 # writes when no server is given, so a server started here shows that registry.
@@ -19,7 +20,7 @@ cmd=${1:-}
 dir=${2:-}
 port=${3:-5000}
 if [[ -z "$cmd" || -z "$dir" ]]; then
-  echo "usage: $0 start|stop|status DIR [PORT]" >&2
+  echo "usage: $0 start|stop|status|kill DIR [PORT]" >&2
   exit 2
 fi
 mkdir -p "$dir"
@@ -98,6 +99,23 @@ case "$cmd" in
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
     rm -f "$pidfile"
     ;;
+  kill)
+    if ! alive; then
+      echo "not running"
+      rm -f "$pidfile"
+      exit 0
+    fi
+    pid=$(cat "$pidfile")
+    # The server was started with setsid, so its PID is its process group: the uvicorn
+    # workers die with it, as they would when the machine went away.
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 40; i++)); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.25
+    done
+    rm -f "$pidfile"
+    echo "killed pid $pid and its process group"
+    ;;
   status)
     if alive && healthy "$(cat "$portfile")"; then
       echo "running: pid $(cat "$pidfile") http://127.0.0.1:$(cat "$portfile")"
@@ -110,7 +128,7 @@ case "$cmd" in
     fi
     ;;
   *)
-    echo "usage: $0 start|stop|status DIR [PORT]" >&2
+    echo "usage: $0 start|stop|status|kill DIR [PORT]" >&2
     exit 2
     ;;
 esac

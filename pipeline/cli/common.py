@@ -26,9 +26,12 @@ def exits() -> Iterator[None]:
     try:
         yield
     except QuantforgeError as exc:
+        from rich.text import Text
+
         label = "invalid input" if exc.exit_code == EXIT_INVALID_INPUT else "error"
         for line in str(exc).splitlines() or [label]:
-            err_console.print(f"[red]{label}:[/red] {line}", markup=True, soft_wrap=True)
+            # The message is plain text: rich markup would eat "[a-z0-9]" in a pattern, say.
+            err_console.print(Text(f"{label}: ", style="red") + Text(line), soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 

@@ -8,12 +8,14 @@ Target kinds plug in through :mod:`pipeline.targets` (lazy lookup by kind).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from pipeline.recipe import LoadedRecipe
 from pipeline.core.stage import Stage
 
 SOURCE_STAGE = "source"
+CHECK_TEXT_CHARS = 200_000
 CALIBRATION_STAGE = "calibration"
 
 
@@ -29,6 +31,16 @@ class PlanContext:
     @property
     def recipe(self):
         return self.loaded.recipe
+
+    @cached_property
+    def check_text(self) -> str:
+        """Held-out text of the recipe's own eval suite, for checks inside build stages
+        (tokenizer equality after GGUF conversion, a breakage bound on ModelOpt exports):
+        build code reads what the recipe names, never a corpus of its own."""
+        from pipeline.data.suites import load_suite
+
+        spec = self.recipe.evals
+        return load_suite(spec.suite, base_dir=self.loaded.path.parent, column=spec.column).text[:CHECK_TEXT_CHARS]
 
 
 @dataclass

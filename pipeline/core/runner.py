@@ -98,7 +98,7 @@ def _run_one(stage: Stage, keys, results, outside: dict[str, StageOutput], store
     def produce(tmp: Path) -> dict:
         nonlocal seconds
         log(f"[{stage.name}] running ({stage.description or stage.kind})")
-        ctx = StageContext(stage=stage, out_dir=tmp, inputs=inputs, log=stage_log, artifacts_dir=artifacts_dir)
+        ctx = StageContext(stage=stage, out_dir=tmp, inputs=inputs, log=stage_log, artifacts_dir=artifacts_dir, key=key)
         facts = stage.run(ctx) if stage.run else {}
         seconds = time.perf_counter() - start
         return {

@@ -58,6 +58,7 @@ class StageContext:
     inputs: dict[str, StageOutput]
     log: Callable[[str], None]
     artifacts_dir: Path
+    key: str = ""  # this stage's cache key (an output may record it: it is known before the stage runs)
 
     def input(self, name: str) -> StageOutput:
         return self.inputs[name]

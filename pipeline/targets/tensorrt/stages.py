@@ -31,6 +31,7 @@ engine) ``skip_reason`` is set at plan time; nothing is faked.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import shutil
 import subprocess
@@ -160,14 +161,8 @@ def _quant_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _heldout_text() -> str:
-    from pipeline.data.corpus import corpus_text
-
-    return corpus_text("heldout")
-
-
 # --------------------------------------------------------------------- run fns
-def run_checkpoint(ctx: StageContext, *, quant: str, kv_cache_quant: str | None, dtype: str, seq_len: int) -> dict:
+def run_checkpoint(ctx: StageContext, *, quant: str, kv_cache_quant: str | None, dtype: str, seq_len: int, check_text: str) -> dict:
     from pipeline.targets.tensorrt import checkpoint as mc
 
     source = ctx.inputs["source"].model_dir
@@ -176,7 +171,7 @@ def run_checkpoint(ctx: StageContext, *, quant: str, kv_cache_quant: str | None,
     if quant == "nvfp4" and device != "cuda":
         raise StageFailed("NVFP4 quantization needs a CUDA GPU (ModelOpt's NVFP4 forward has no CPU path)")
     return mc.build_checkpoint(source, ctx.out_dir, quant=quant, kv_cache_quant=kv_cache_quant, calib_ids=calib,
-                               dtype=dtype, device=device, heldout_text=_heldout_text(), seq_len=seq_len, log=ctx.log)
+                               dtype=dtype, device=device, check_text=check_text, seq_len=seq_len, log=ctx.log)
 
 
 def run_trtllm_checkpoint(ctx: StageContext, *, settings_dict: dict, dtype: str) -> dict:
@@ -344,7 +339,7 @@ def plan_stages(target, ctx) -> list[Stage]:
             version=CHECKPOINT_VERSION,
             params={"quant": target.quant, "kv_cache_quant": target.kv_cache_quant, "dtype": dtype,
                     "modelopt_config": MODELOPT_CONFIGS[target.quant], "verify_seq_len": seq_len,
-                    "verify_text": "builtin:heldout"},
+                    "check_text_sha256": hashlib.sha256(ctx.check_text.encode()).hexdigest()},
             inputs=dict(inputs),
             tools=tool_versions(*MODELOPT_TOOLS),
             target=target.name,
@@ -354,7 +349,7 @@ def plan_stages(target, ctx) -> list[Stage]:
                                   runtimes=("tensorrt-llm-pytorch", "vllm", "sglang"),
                                   bits=BITS[target.quant], group_size=settings.group_size),
             run=functools.partial(run_checkpoint, quant=target.quant, kv_cache_quant=target.kv_cache_quant,
-                                  dtype=dtype, seq_len=seq_len),
+                                  dtype=dtype, seq_len=seq_len, check_text=ctx.check_text),
             skip_reason=nvfp4_skip,
             description=f"ModelOpt {settings.quant_algo} checkpoint (HF layout), verified by dequantized read-back",
         ))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from evals.accuracy import Reference, kl_divergence, log_softmax, make_windows, perplexity, token_nll, top1_agreement
-from evals.gates import evaluate_gates
+from evals.gates import evaluate_gates, failed_checks
+from pipeline.core.report import EvalEntry, Metrics
 from pipeline.spec import GateSpec
 
 
@@ -71,44 +72,62 @@ def test_windows_score_second_half_like_llama_perplexity():
 
 
 def _ev(**metrics):
-    return {"status": "done", "metrics": metrics}
+    return EvalEntry(status="done", metrics=Metrics(**metrics))
 
 
 def test_gates_pass_fail_pending_unverified():
     spec = GateSpec(max_perplexity_increase_pct=5.0, max_kl_divergence=0.1, min_top1_agreement_pct=90)
     ok = _ev(delta_ppl_pct=1.0, kl_mean=0.01, top1_agreement_pct=95)
     bad = _ev(delta_ppl_pct=12.0, kl_mean=0.01, top1_agreement_pct=95)
-    assert evaluate_gates(spec, ["cpu"], {"cpu": ok})["status"] == "passed"
+    assert evaluate_gates(spec, ["cpu"], {"cpu": ok}).status == "passed"
     g = evaluate_gates(spec, ["cpu"], {"cpu": bad})
-    assert g["status"] == "failed" and g["passed"] is False
-    failing = [c for c in g["checks"] if not c["passed"]]
-    assert [(c["name"], c["device"], c["value"], c["threshold"]) for c in failing] == [("perplexity_increase_pct", "cpu", 12.0, 5.0)]
-    g = evaluate_gates(spec, ["cpu", "h100"], {"cpu": ok, "h100": {"status": "pending"}})
-    assert g["status"] == "pending" and g["pending_devices"] == ["h100"] and g["passed"] is None
+    assert g.status == "failed" and g.passed is False and g.per_device() == {"cpu": False}
+    failing = [c for c in g.checks if not c.passed]
+    assert [(c.name, c.device, c.value, c.threshold) for c in failing] == [("perplexity_increase_pct", "cpu", 12.0, 5.0)]
+    assert failed_checks(g) == ["perplexity_increase_pct 12 > 5 on cpu"]
+    g = evaluate_gates(spec, ["cpu", "h100"], {"cpu": ok, "h100": EvalEntry(status="pending")})
+    assert g.status == "pending" and g.pending_devices == ["h100"] and g.passed is None and not g.promotable
+    assert g.per_device() == {"cpu": True, "h100": None}
     g = evaluate_gates(spec, ["cpu", "h100"], {"cpu": bad})  # a failure is final even with a device pending
-    assert g["status"] == "failed" and g["pending_devices"] == ["h100"]
-    g = evaluate_gates(spec, ["cpu"], {"cpu": {"status": "skipped", "reason": "no runtime"}})
-    assert g["status"] == "unverified" and g["passed"] is None
+    assert g.status == "failed" and g.pending_devices == ["h100"]
+    g = evaluate_gates(spec, ["cpu"], {"cpu": EvalEntry(status="skipped", reason="no runtime")})
+    assert g.status == "unverified" and g.passed is None and g.per_device() == {"cpu": None}
 
 
-def test_gate_speedup_and_missing_metric():
+def test_gate_speedup_kl_tail_task_recovery_and_missing_metric():
     spec = GateSpec(max_perplexity_increase_pct=None, min_decode_speedup=1.5)
-    assert evaluate_gates(spec, ["cpu"], {"cpu": _ev(decode_speedup=2.0)})["passed"]
+    assert evaluate_gates(spec, ["cpu"], {"cpu": _ev(decode_speedup=2.0)}).passed
     g = evaluate_gates(spec, ["cpu"], {"cpu": _ev()})
-    assert g["status"] == "failed" and "no decode_speedup" in g["checks"][0]["reason"]
+    assert g.status == "failed" and "no decode_speedup" in g.checks[0].reason
+    spec = GateSpec(max_perplexity_increase_pct=None, max_kl_p99=0.5, min_task_accuracy_recovery_pct=94)
+    assert evaluate_gates(spec, ["cpu"], {"cpu": _ev(kl_p99=0.4, task_recovery_pct=96.0)}).passed
+    g = evaluate_gates(spec, ["cpu"], {"cpu": _ev(kl_p99=0.6, task_recovery_pct=90.0)})
+    assert sorted(c.name for c in g.checks if not c.passed) == ["kl_p99", "task_recovery_pct"]
 
 
-def test_runtime_lookup_did_you_mean():
-    from evals.runtimes import get_runtime, runtime_for
+def test_runtime_lookup_did_you_mean_and_choice_per_format_and_device():
+    from evals.runtimes import RUNTIMES, get_runtime
+    from evals.stages import choose_runtimes
     from pipeline.errors import InvalidInput
+    from pipeline.targets import declarations
 
     with pytest.raises(InvalidInput, match="did you mean 'llama_cpp'"):
         get_runtime("llama-cpp")
     assert get_runtime("transformers").name == "transformers"
+    # Every runtime a kind declares has an adapter (no declared runtime without code).
+    for decl in declarations():
+        for fmt in decl.formats:
+            for names in fmt.eval_runtimes.values():
+                assert set(names) <= set(RUNTIMES), (decl.kind, names)
     # ModelOpt checkpoints are never loaded by plain transformers: they get the dequantizing reader.
-    assert runtime_for("tensorrt-checkpoint") == ("modelopt_dequant", None)
-    name, why = runtime_for("onnx")
-    assert name is None and "onnx" in why
+    assert choose_runtimes("tensorrt-checkpoint", "cpu").accuracy == "modelopt_dequant"
+    assert choose_runtimes("gguf", "cpu").accuracy == "llama_cpp"
+    assert choose_runtimes("gptq", "cpu").accuracy == choose_runtimes("gptq", "cpu").speed == "transformers"
+    # An engine has no CPU runtime: a skip that says where it runs.
+    engine = choose_runtimes("tensorrt-engine", "cpu")
+    assert engine.accuracy is None and "cuda" in engine.skip_reason
+    unknown = choose_runtimes("onnx", "cpu")
+    assert unknown.skip_reason and "onnx" in unknown.skip_reason
 
 
 def test_missing_runtime_is_a_skip_with_reason():
@@ -132,15 +151,3 @@ def test_device_resolution_records_absent_devices_as_pending():
     assert now == ["cpu"] and pending == ["h9000"]
     with pytest.raises(InvalidInput, match="not present"):
         resolve_devices("h9000", ["cpu", "h9000"])
-
-
-def test_task_accuracy_is_skipped_without_lm_eval(tmp_path):
-    import importlib.util
-
-    from evals.tasks import run_tasks
-
-    res = run_tasks("gptq", tmp_path, "cpu", ["hellaswag"])
-    if importlib.util.find_spec("lm_eval") is None:
-        assert res == {"status": "skipped", "reason": "lm-evaluation-harness (lm_eval) is not installed"}
-    res = run_tasks("gguf", tmp_path, "cpu", ["hellaswag"])
-    assert res["status"] == "skipped" and res["reason"]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pipeline.data.corpus import VARIANTS, corpus_sha256, corpus_text
-from pipeline.data.corpus import corpus_paragraphs, corpus_path
+from pipeline.data.corpus import corpus_paragraphs, corpus_path, corpus_sha256, corpus_text
+from pipeline.sources.tiny import VARIANTS
 
 
 def test_corpus_is_shipped_and_hashed():
@@ -42,7 +42,7 @@ def test_variants_have_quantizer_friendly_shapes():
 
 @pytest.fixture(scope="module")
 def mini_model(tmp_path_factory):
-    from pipeline.data.corpus import train_demo_model
+    from pipeline.sources.tiny import train_demo_model
 
     out = tmp_path_factory.mktemp("tiny-llama-mini")
     facts = train_demo_model("tiny-llama-mini", out, seed=0, log=lambda _: None)

@@ -17,7 +17,7 @@ from pipeline.core.runner import execute, stage_keys
 from pipeline.core.stage import Stage
 from pipeline.core.store import MANIFEST, Store
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def writer(text: str):

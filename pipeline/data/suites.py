@@ -1,4 +1,4 @@
-"""Declarative eval suites: which text accuracy is measured on.
+"""Declarative eval suites: which text accuracy is measured on (definitions in ``evals/suites/``).
 
 ``evals.suite`` in a recipe is one of
 
@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import InvalidInput
 
-SUITES_DIR = Path(__file__).resolve().parent
+# The suite definitions are data shipped in the evals folder (evals/suites/*.yaml).
+SUITES_DIR = Path(__file__).resolve().parents[2] / "evals" / "suites"
 JOIN = "\n\n"
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make setup builds it)")
+from pipeline.targets.gguf import llamacpp
+
+pytestmark = pytest.mark.skipif(llamacpp.missing(["llama-perplexity"]) is not None, reason=str(llamacpp.missing(["llama-perplexity"])))
 
 
 @pytest.fixture(scope="module")

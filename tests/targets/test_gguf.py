@@ -176,10 +176,15 @@ def test_metadata_round_trips(built, mini_model):
     assert value("general.quantized_by") == f"quantforge {__version__}"
     assert value("general.license") == "mit"
     assert value("quantforge.source") == str(mini_model)
-    assert len(value("quantforge.recipe_sha256")) == 64
+    # Lineage names what made the file, never the whole recipe: the stage's key and its inputs' content.
+    stage = built["gguf/quantize/Q4_K_M"]
+    assert value("quantforge.stage_key") == stage.key
+    assert value("quantforge.base_sha256") == built["gguf/convert"].manifest["content_sha256"]
+    assert value("quantforge.imatrix_sha256") == built["gguf/imatrix"].manifest["content_sha256"]
+    assert "quantforge.recipe_sha256" not in reader.fields
     assert value("tokenizer.ggml.pre") == "gpt-2"
     # The manifest records what the file says.
-    assert built["gguf/quantize/Q4_K_M"].result["metadata"]["quantforge.recipe_sha256"] == value("quantforge.recipe_sha256")
+    assert built["gguf/quantize/Q4_K_M"].result["metadata"]["quantforge.stage_key"] == value("quantforge.stage_key")
 
 
 # ------------------------------------------------------------------ accuracy

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from pipeline.targets import ci_runner_classes
+
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / ".github" / "workflows" / "build.yml"
 RUNNERS = REPO / ".github" / "runners.yml"
 BIN = Path(sys.executable).parent
@@ -187,7 +189,7 @@ def test_matrix_of_the_shipped_recipes_splits_targets_by_kind():
         builds = [e for e in result["build"]["include"] if e["name"] == recipe.name]
         assert [(e["target"], e["kind"]) for e in builds] == [(t.name, t.kind) for t in recipe.targets]
         for e in builds:
-            assert e["runs_on"] == runners["build"]["kinds"][e["kind"]]
+            assert e["runs_on"] == runners["build"]["classes"][ci_runner_classes()[e["kind"]]]
             assert e["recipe"] == f"recipes/{path.name}"
         evals = [e for e in result["eval"]["include"] if e["name"] == recipe.name]
         assert [e["device"] for e in evals] == list(recipe.evals.devices)
@@ -201,10 +203,11 @@ def test_matrix_of_the_shipped_recipes_splits_targets_by_kind():
 
 
 def test_every_target_kind_has_a_build_runner():
-    from pipeline.recipe import TARGET_KINDS
-
+    """Kinds declare a runner class; runners.yml maps every class that a kind declares to labels."""
     runners = ci_matrix.load_runners(RUNNERS)
-    assert sorted(runners["build"]["kinds"]) == sorted(TARGET_KINDS)
+    assert set(ci_runner_classes().values()) <= set(runners["build"]["classes"])
+    for kind in ci_runner_classes():
+        assert ci_matrix.build_labels(runners, kind)
     assert ci_matrix.eval_labels(runners, "cpu") == "ubuntu-latest"
 
 
@@ -224,14 +227,14 @@ def test_matrix_devices_go_to_eval_runners_and_several_need_finalize(tmp_path):
 
 def test_matrix_errors_unknown_kind_and_duplicate_names(tmp_path, capsys):
     runners = tmp_path / "runners.yml"
-    runners.write_text("build: {kinds: {fp8: ubuntu-latest}}\neval: {devices: {cpu: ubuntu-latest}}\n")
+    runners.write_text("build: {classes: {gpu: ubuntu-latest}}\neval: {devices: {cpu: ubuntu-latest}}\n")
     a = tmp_path / "a.yaml"
     a.write_text(MINI.format(name="same", devices="[cpu]"))
     b = tmp_path / "b.yaml"
     b.write_text(MINI.format(name="same", devices="[cpu]"))
     assert ci_matrix.main([str(a), str(b), "--runners", str(runners)]) == 2
     err = capsys.readouterr().err
-    assert "no runner for target kind 'gguf'" in err
+    assert "target kind 'gguf' builds on runner class 'cpu', which .github/runners.yml build.classes lacks" in err
     assert "recipe name 'same' is also used by" in err
     assert "no runner for eval device 'h100'" in _main_err([str(_write(tmp_path, "c.yaml", MINI.format(name="c", devices="[h100]")).resolve()),
                                                               "--runners", str(runners)], capsys)

@@ -1,0 +1,171 @@
+"""What MLflow shows people: the build run's description, each version's description, metric values.
+
+Written from the merged report only (no local paths: the store path of the machine
+that built an artifact means nothing to the person reading the registry). A version's
+description says how to download it and how to serve it in each runtime that loads
+its format (``pipeline.targets.artifact_format(kind).serves_with``), and what was
+measured on each device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pipeline.core.report import ArtifactReport, EvalEntry, Metrics, Report
+from pipeline.registry.promotion import CANDIDATE_ALIAS, gate_word, recommended_alias
+
+SIGNIFICANT = 5  # digits kept in metric values (a perplexity of 140.88280336464317 reads 140.88)
+
+
+def rounded(value: float | int) -> float:
+    """A metric value as people read it: integers exact, floats to 5 significant digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    v = float(value)
+    if v == 0 or math.isnan(v) or math.isinf(v):
+        return v
+    return float(f"{v:.{SIGNIFICANT}g}")
+
+
+def metric_values(m: Metrics) -> dict[str, float]:
+    return {k: rounded(v) for k, v in m.values().items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def _size(n: int | None) -> str:
+    return "–" if not n else f"{n / 2**20:.2f} MiB"
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _cell(text: Any) -> str:
+    return " ".join(str(text if text is not None else "").split()).replace("|", "\\|")
+
+
+TABLE_HEAD = ["model", "runtime", "size", "perplexity", "Δppl %", "KL mean", "KL p99", "top-1 %", "prefill tok/s", "decode tok/s", "gate"]
+
+
+def _row(name: str, ev: EvalEntry, a: ArtifactReport | None, report: Report, device: str) -> list[str]:
+    m = ev.metrics
+    rt = (ev.runtime or "–") + (" (dequantized)" if ev.dequantized else "")
+    if a is None:
+        gate = "baseline"
+    else:
+        gate = gate_word((a.gates.per_device().get(device)) if a.gates else None)
+        gate = {"true": "passed", "false": "failed"}.get(gate, gate)
+        rec = report.recommendations.get(device)
+        if rec is not None and rec.artifact == a.name:
+            gate += ", **recommended**"
+    if ev.status != "done":
+        return [f"`{name}`", rt, _size(a.bytes if a else m.size_bytes), ev.status, "", "", "", "", "", "", gate]
+    return [f"`{name}`", rt, _size(m.size_bytes or (a.bytes if a else None)), _f(m.perplexity, ".3f"),
+            _f(m.delta_ppl_pct, "+.2f") if a else "", _f(m.kl_mean, ".2e") if a else "", _f(m.kl_p99, ".2e") if a else "",
+            _f(m.top1_agreement_pct, ".1f") if a else "", _f(m.prefill_tps, ",.0f"), _f(m.decode_tps, ",.1f"), gate]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
+    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def devices_of(report: Report) -> list[str]:
+    return list(dict.fromkeys([*report.devices, *report.baseline, *(d for a in report.artifacts for d in a.evals)]))
+
+
+def build_note(report: Report) -> str:
+    """The build run's description: per device, the source and every artifact side by side."""
+    src = report.source
+    lines = [f"**{report.recipe}**: quantized builds of `{src.model if src else '?'}`"
+             + (f" (revision `{src.commit or src.revision}`)" if src else "") + "."]
+    desc = (report.recipe_config or {}).get("description")
+    if desc:
+        lines.append(str(desc)[:2000])
+    lines.append(f"Recipe sha256 `{report.recipe_sha256[:16]}`; {len(report.built())} artifact(s) built: "
+                 + ", ".join(f"`{a.name}`" for a in report.built()) + ".")
+    for device in devices_of(report):
+        info = report.devices.get(device)
+        if info is not None and info.status != "done":
+            lines.append(f"### {device}: pending\n\n{info.reason or 'not evaluated yet'}")
+            continue
+        fp = info.fingerprint if info else {}
+        what = fp.get("gpu") or fp.get("cpu_model") or ""
+        rows = [_row("source", report.baseline.get(device) or EvalEntry(), None, report, device)]
+        rows += [_row(a.name, a.evals.get(device) or EvalEntry(), a, report, device) for a in report.built()]
+        block = [f"### {device}" + (f": {what}" if what else ""), "", *_table(rows)]
+        rec = report.recommendations.get(device)
+        if rec is not None:
+            block += ["", f"Recommended on {device}: " + (f"**{rec.artifact}** (alias `@{recommended_alias(device)}`): {rec.reason}"
+                                                         if rec.artifact else rec.reason) + "."]
+        lines.append("\n".join(block))
+    return "\n\n".join(lines)[:7900]
+
+
+def serve_commands(kind: str, gguf_file: str | None, model: str, folder: str = "DIR") -> list[str]:
+    """Commands that serve this artifact, one per runtime that loads its format."""
+    from pipeline.targets import artifact_format
+
+    fmt = artifact_format(kind)
+    runtimes = fmt.serves_with if fmt else ()
+    modelopt = kind.startswith("tensorrt")
+    gguf = f"{folder}/{gguf_file or '<file>.gguf'}"
+    out = []
+    for rt in runtimes:
+        if rt == "vllm":
+            out.append(f"vllm serve {folder}" + (" --quantization modelopt" if modelopt else ""))
+        elif rt == "sglang":
+            out.append(f"python -m sglang.launch_server --model-path {folder}" + (" --quantization modelopt" if modelopt else ""))
+        elif rt == "transformers":
+            out.append(f"python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{folder}')\""
+                       "   # decompresses to dense weights")
+        elif rt == "llama.cpp":
+            out.append(f"llama-server -m {gguf}")
+        elif rt == "ollama":
+            out.append(f"ollama create {model.lower()} -f {folder}/Modelfile && ollama run {model.lower()}")
+        elif rt == "lm-studio":
+            out.append(f"lms import {gguf}")
+        elif rt == "tensorrt-llm":
+            out.append(f"trtllm-serve {folder}")
+    return out
+
+
+def version_description(report: Report, a: ArtifactReport, model: str, version: str, tracking_uri: str,
+                        promotion_alias: str, gguf_file: str | None) -> str:
+    """Markdown for one model version: what it is, how to get and serve it, what was measured."""
+    from pipeline.registry.tracking import is_http
+
+    src = report.source
+    head = (f"**{a.name}**: {a.format or a.kind}" + (f", {a.bits}-bit" if a.bits else "")
+            + f" quantization of `{src.model if src else '?'}`" + (f" (revision `{src.commit or src.revision}`)" if src else "")
+            + f", built by quantforge recipe `{report.recipe}`.")
+    env = f"MLFLOW_TRACKING_URI={tracking_uri} " if is_http(tracking_uri) else ""
+    where = "" if env else "With MLFLOW_TRACKING_URI set to this registry:\n\n"
+    lines = [head, "", "#### Download", "", where + "```bash",
+             f"{env}mlflow artifacts download --artifact-uri models:/{model}/{version} -d DIR   # this version",
+             f"{env}mlflow artifacts download --artifact-uri models:/{model}@{promotion_alias} -d DIR   # whichever version is @{promotion_alias}",
+             "```"]
+    serve = serve_commands(a.kind, gguf_file, model)
+    if serve:
+        lines += ["", "#### Serve", "", "```bash", *serve, "```"]
+    devices = [d for d in devices_of(report) if d in a.evals]
+    if devices:
+        lines += ["", "#### Measured (against the source, on the same text)", ""]
+        rows = []
+        for d in devices:
+            ev = a.evals[d]
+            r = _row(a.name, ev, a, report, d)
+            r[0] = f"`{d}`"
+            rows.append(r)
+        head_row = ["device", *TABLE_HEAD[1:]]
+        lines += ["| " + " | ".join(head_row) + " |", "|" + "---|" * len(head_row)]
+        lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    g = a.gates
+    if g is not None:
+        verdict = {"passed": "passed on every required device", "failed": "failed", "pending": "pending (a required device has no results yet)",
+                   "unverified": "unverified (no runtime could evaluate it on a required device)"}[g.status]
+        lines += ["", f"Gates: **{verdict}**" + (f"; pending: {', '.join(g.pending_devices)}" if g.pending_devices else "") + "."]
+    lines += ["", f"Aliases: `@{CANDIDATE_ALIAS}` is the newest build's version, `@{promotion_alias}` the newest that passed the gates "
+                  "on every required device, `@recommended-<device>` the artifact to ship on that device."]
+    return "\n".join(lines)
