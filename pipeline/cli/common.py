@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import typer
-from pipeline.errors import EXIT_INVALID_INPUT, QuantforgeError
+
 from pipeline.cli.tables import make_console
+from pipeline.errors import EXIT_INVALID_INPUT, QuantforgeError
 
 console = make_console()
 err_console = make_console(stderr=True)
 
-RecipeArg = typer.Argument(..., help="Path to the recipe YAML.", show_default=False)
-ArtifactsDir = typer.Option(Path(os.environ.get("QUANTFORGE_ARTIFACTS", "artifacts")), "--artifacts-dir", help="Where the store, reports and the local MLflow store live.")
-TrackingUri = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store under the artifacts dir).")
+RecipeArg = typer.Argument(..., help="The recipe YAML.", metavar="RECIPE", show_default=False)
+ArtifactsDir = typer.Option(
+    Path("artifacts"), "--artifacts-dir", metavar="DIR", envvar="QUANTFORGE_ARTIFACTS", show_envvar=True,
+    help="Where the store, reports and the local MLflow store live.",
+)
+TrackingUri = typer.Option(
+    None, "--tracking-uri", metavar="URI", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+    help="MLflow tracking URI; unset: a SQLite store under the artifacts dir.",
+)
+Targets = typer.Option(None, "--target", "-t", metavar="NAME", help="Only this target (repeatable).")
+Device = typer.Option(
+    "auto", "--device", "-d", metavar="DEVICE",
+    help="cpu, cuda, a GPU class the recipe names (h100, ...), or auto: every device of the recipe that is here.",
+)
+Json = typer.Option(False, "--json", help="Print JSON (for scripts and CI summaries) instead of tables.")
 
 
 @contextmanager
@@ -36,5 +48,11 @@ def exits() -> Iterator[None]:
 
 
 def log(msg: str) -> None:
-    console.print(msg, markup=False, soft_wrap=True)
+    console.print(msg, markup=False, highlight=False, soft_wrap=True)
     sys.stdout.flush()
+
+
+def print_json(data) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

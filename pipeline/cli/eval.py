@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli.common import ArtifactsDir, RecipeArg, exits, log
+from pipeline.cli.common import ArtifactsDir, Device, RecipeArg, exits, log
 
 app = typer.Typer()
 
@@ -12,7 +12,7 @@ app = typer.Typer()
 @app.command(name="eval")
 def eval_(
     recipe: Path = RecipeArg,
-    device: str = typer.Option("auto", "--device", "-d", help="cpu, cuda, a GPU class from the recipe, or auto (every device present; others pending)."),
+    device: str = Device,
     fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 3 when an artifact fails its gates."),
     artifacts_dir: Path = ArtifactsDir,
 ) -> None:

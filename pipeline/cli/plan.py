@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli.common import ArtifactsDir, RecipeArg, console, exits
+from pipeline.cli.common import ArtifactsDir, Device, Json, RecipeArg, Targets, console, exits, print_json
 
 app = typer.Typer()
 
@@ -12,8 +12,9 @@ app = typer.Typer()
 @app.command()
 def plan(
     recipe: Path = RecipeArg,
-    target: list[str] = typer.Option(None, "--target", "-t", help="Only these targets (repeatable)."),
-    device: str = typer.Option("auto", "--device", "-d", help="Devices whose eval stages to show (auto: the recipe's devices that are here)."),
+    target: list[str] = Targets,
+    device: str = Device,
+    json_: bool = Json,
     artifacts_dir: Path = ArtifactsDir,
 ) -> None:
     """Show the build and eval stages a run would execute, with cache hit/miss and skip reasons."""
@@ -21,4 +22,10 @@ def plan(
     from pipeline.workflow import plan_rows
 
     with exits():
-        console.print(plan_table(plan_rows(recipe, artifacts_dir, target or None, device)))
+        rows = plan_rows(recipe, artifacts_dir, target or None, device)
+        if json_:
+            print_json([{"stage": s.name, "kind": s.kind, "key": key, "status": status.split(":", 1)[0],
+                         "reason": status.split(":", 1)[1].strip() if ":" in status else None, "what": s.description}
+                        for s, key, status in rows])
+        else:
+            console.print(plan_table(rows))

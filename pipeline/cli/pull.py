@@ -19,7 +19,7 @@ app = typer.Typer()
 
 @app.command()
 def pull(
-    recipe: Path = typer.Argument(..., help="The recipe YAML whose registered build to fetch (its name and sha256 pick the build run)."),
+    recipe: Path = typer.Argument(..., metavar="RECIPE", show_default=False, help="The recipe YAML whose registered build to fetch (its name and sha256 pick the build run)."),
     artifacts_dir: Path = ArtifactsDir,
     tracking_uri: str = TrackingUri,
 ) -> None:

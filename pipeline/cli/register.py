@@ -11,7 +11,7 @@ app = typer.Typer()
 
 @app.command()
 def register(
-    recipe: Path = typer.Argument(..., help="The recipe YAML, or a report.json (a CI job with only the report and artifacts)."),
+    recipe: Path = typer.Argument(..., metavar="RECIPE", show_default=False, help="The recipe YAML, or a report.json (a CI job with only the report and artifacts)."),
     artifacts_dir: Path = ArtifactsDir,
     tracking_uri: str = TrackingUri,
 ) -> None:

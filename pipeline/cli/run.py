@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli.common import ArtifactsDir, RecipeArg, TrackingUri, exits, log
+from pipeline.cli.common import ArtifactsDir, Device, RecipeArg, TrackingUri, exits, log
 
 app = typer.Typer()
 
@@ -12,7 +12,7 @@ app = typer.Typer()
 @app.command()
 def run(
     recipe: Path = RecipeArg,
-    device: str = typer.Option("auto", "--device", "-d", help="Device to evaluate on (see `eval`)."),
+    device: str = Device,
     fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 3 when an artifact fails its gates."),
     no_register: bool = typer.Option(False, "--no-register", help="Build and evaluate only."),
     artifacts_dir: Path = ArtifactsDir,

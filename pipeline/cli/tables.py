@@ -27,23 +27,27 @@ def human_bytes(n: int | None) -> str:
 
 
 def plan_table(rows):
-    """The stages with hit/miss/skip; skip reasons are long, so they follow the table in full."""
+    """The stages with hit/miss/skip. Skip reasons are long: they follow the table, each once,
+    with the stages it applies to. Stage names and keys never wrap mid-word."""
     from rich.console import Group
     from rich.text import Text
 
     table = Table(title="plan", show_lines=False)
-    for col in ("stage", "kind", "key", "status", "what"):
-        table.add_column(col, overflow="fold")
-    reasons = []
+    table.add_column("stage", no_wrap=True)
+    table.add_column("key", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("what", overflow="ellipsis", no_wrap=True, ratio=1)
+    reasons: dict[str, list[str]] = {}
     for stage, key, status in rows:
         word = status.split(":", 1)[0]
-        style = "green" if word == "hit" else "yellow" if word == "miss" else "dim"
-        table.add_row(stage.name, stage.kind, key[:12], f"[{style}]{word}[/{style}]", stage.description)
+        style = {"hit": "green", "miss": "yellow"}.get(word, "dim")
+        table.add_row(stage.name, key[:12], Text(word, style=style), stage.description or stage.kind)
         if word == "skip":
-            reasons.append(Text(f"{stage.name} is skipped: {status.split(':', 1)[1].strip()}"))
+            reasons.setdefault(status.split(":", 1)[1].strip(), []).append(stage.name)
+    notes = [Text(f"skipped ({', '.join(names)}): {reason}") for reason, names in reasons.items()]
     hits = sum(1 for _, _, s in rows if s == "hit")
-    footer = Text(f"{hits} of {len(rows)} stages cached")
-    return Group(table, *reasons, footer)
+    counts = Text(f"{hits} of {len(rows)} stages cached")
+    return Group(table, *notes, counts)
 
 
 def print_build_summary(report, results, path: Path) -> None:

@@ -4,16 +4,29 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli.common import RecipeArg, console, exits
+from pipeline.cli.common import Json, console, exits, print_json
 
 app = typer.Typer()
 
 
 @app.command()
-def validate(recipe: list[Path] = RecipeArg) -> None:
+def validate(
+    recipe: list[Path] = typer.Argument(..., metavar="RECIPE...", help="Recipe YAML files.", show_default=False),
+    json_: bool = Json,
+) -> None:
     """Check recipes; report every problem at once as FILE:LINE: path: message (exit 2)."""
-    from pipeline.workflow import validate_all
+    from pipeline.workflow import validate_report
 
     with exits():
-        for loaded in validate_all(recipe):
-            console.print(f"ok: {loaded.path} ({len(loaded.recipe.targets)} targets, sha256 {loaded.recipe.sha256()[:12]})")
+        result = validate_report(recipe)
+        if json_:
+            print_json(result)
+            if not result["ok"]:
+                raise typer.Exit(2)
+            return
+        if not result["ok"]:
+            from pipeline.errors import InvalidInput, Problem
+
+            raise InvalidInput([Problem(file=q["file"], path=q["path"], message=q["message"], line=q["line"]) for q in result["problems"]])
+        for r in result["recipes"]:
+            console.print(f"ok: {r['file']} ({r['targets']} targets, sha256 {r['sha256'][:12]})", markup=False)

@@ -69,6 +69,9 @@ MAX_WEIGHT_REL_ERROR = {"fp8": 0.05, "int4_awq": 0.35, "nvfp4": 0.20}
 # call, made from the evals. Measured: FP8 +3.6 % on SmolLM2-135M, which a 2 % limit here
 # used to throw away before anyone could see its eval.
 MAX_PPL_RATIO = 4.0
+# A breakage bound needs few tokens (a broken export is off by orders of magnitude); the
+# evals measure quality on the full suite. 2,048 tokens keep this under a minute on a CPU.
+BREAKAGE_CHECK_TOKENS = 2048
 
 # Tokenizer files the export does not write (export_hf_checkpoint writes none).
 TOKENIZER_FILES = (
@@ -439,7 +442,7 @@ def weight_errors(folder: Path, source_dir: Path) -> dict[str, float]:
 
 
 def verify_checkpoint(folder: Path, source_dir: Path, quant: str, kv_cache_quant: str | None,
-                      check_text: str | None, seq_len: int = 256, max_tokens: int = 8192,
+                      check_text: str | None, seq_len: int = 256, max_tokens: int = BREAKAGE_CHECK_TOKENS,
                       device: str = "cpu", log: Callable[[str], None] = print) -> dict:
     """Read the export back and check it; raise StageFailed with every failed check."""
     import torch

@@ -1,0 +1,149 @@
+"""One self-contained HTML page per recipe, next to report.json: what a person opens to decide.
+
+Tables per device (the recommended artifact marked), the plots (inline PNG), the
+gates' verdicts with the failed checks, the build facts and the lineage. No
+scripts, no external resources: it opens from a CI artifact, an MLflow run's
+artifacts view, or a mail attachment the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from pipeline.core.report import EvalEntry, Report
+
+PAGE = "report.html"
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;color:#1b1f24;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #d0d7de;padding:.3em .6em;text-align:right}th{background:#f6f8fa}
+td.l,th.l{text-align:left}tr.recommended{background:#dafbe1;font-weight:600}tr.source{background:#f6f8fa}
+.passed{color:#1a7f37}.failed{color:#cf222e}.pending,.unverified,.skipped{color:#9a6700}
+.note{color:#57606a;font-size:.92em}.rec{background:#dafbe1;border:1px solid #4ac26b;padding:.6em 1em;border-radius:6px;display:inline-block}
+img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0}code{background:#f6f8fa;padding:0 .3em;border-radius:4px}
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _num(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def _size(n) -> str:
+    return "" if not n else f"{n / 2**20:,.1f} MiB"
+
+
+def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str]) -> str:
+    m = ev.metrics
+    cells = [
+        f'<td class="l">{_e(name)}</td>',
+        f'<td class="l">{_e(ev.runtime or "-")}{" (dequantized)" if ev.dequantized else ""}</td>',
+        f"<td>{_size(m.size_bytes)}</td>",
+        f"<td>{_num(m.perplexity, '.3f')}</td>",
+        f"<td>{_num(m.delta_ppl_pct, '+.2f')}</td>",
+        f"<td>{_num(m.kl_mean, '.4f')}</td>",
+        f"<td>{_num(m.kl_p99, '.3f')}</td>",
+        f"<td>{_num(m.top1_agreement_pct, '.1f')}</td>",
+        *[f"<td>{_num(ev.tasks[t].value * 100, '.1f') + (' ± ' + _num(ev.tasks[t].stderr * 100, '.1f') if ev.tasks[t].stderr else '') if t in ev.tasks else ''}</td>" for t in tasks],
+        f"<td>{_num(m.prefill_tps, ',.0f')}</td>",
+        f"<td>{_num(m.decode_tps, ',.1f')}</td>",
+        f"<td>{_num(m.roofline_pct, '.0f')}</td>",
+        f'<td class="l {gate.split()[0]}">{_e(gate)}</td>',
+    ]
+    return f'<tr class="{cls}">' + "".join(cells) + "</tr>"
+
+
+def device_section(report: Report, device: str) -> str:
+    from evals.gates import failed_checks
+
+    info = report.devices[device]
+    fp = info.fingerprint
+    rec = report.recommendations.get(device)
+    tasks = sorted({t for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks}
+                   | set((report.baseline.get(device) or EvalEntry()).tasks))
+    head = ["artifact", "runtime", "size", "ppl", "Δppl %", "KL mean", "KL p99", "top-1 %", *[f"{t} %" for t in tasks],
+            "prefill tok/s", "decode tok/s", "% roofline", "gate"]
+    rows = [_row("source", report.baseline.get(device) or EvalEntry(), "baseline", "source", tasks)]
+    notes = []
+    for a in report.built():
+        ev = a.evals.get(device) or EvalEntry()
+        gate = a.gates.status if a.gates else "-"
+        recommended = rec is not None and rec.artifact == a.name
+        rows.append(_row(a.name + (" (recommended)" if recommended else ""), ev, gate if ev.status == "done" else f"{gate} ({ev.status})",
+                         "recommended" if recommended else "", tasks))
+        if ev.reason:
+            notes.append(f"{a.name}: {ev.status}: {ev.reason}")
+        for check in failed_checks(a.gates):
+            if check.endswith(f"on {device}"):
+                notes.append(f"{a.name}: gate failed: {check}")
+    where = fp.get("gpu") or fp.get("cpu_model", "")
+    out = [f"<h2>{_e(device)}: {_e(where)} <span class='note'>[{_e(info.fingerprint_hash)}]</span></h2>"]
+    if rec is not None:
+        text = f"Ship <b>{_e(rec.artifact)}</b> on {_e(device)}: {_e(rec.reason)}" if rec.artifact else f"Nothing to ship on {_e(device)}: {_e(rec.reason)}"
+        out.append(f'<p class="rec" id="recommended-{_e(device)}">{text}</p>')
+        if rec.pareto:
+            out.append(f"<p class='note'>Pareto front (size vs KL divergence): {_e(', '.join(rec.pareto))}</p>")
+    out.append("<table><thead><tr>" + "".join(f'<th class="{"l" if h in ("artifact", "runtime", "gate") else ""}">{_e(h)}</th>' for h in head)
+               + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    out += [f"<p class='note'>{_e(n)}</p>" for n in notes]
+    bw = info.bandwidth
+    if bw.get("bandwidth_gbs"):
+        out.append(f"<p class='note'>% roofline: decode tokens/s as a share of {bw['bandwidth_gbs']} GB/s ({_e(bw.get('method'))}) "
+                   "divided by the weight bytes read per token. Dequantized: the runtime expanded low-bit weights to "
+                   "floats (no low-bit kernels ran), so its speed is not the format's.</p>")
+    return "\n".join(out)
+
+
+def _plots(folder: Path) -> str:
+    from evals.plots import PLOTS
+
+    imgs = []
+    for name in PLOTS:
+        p = folder / name
+        if p.is_file():
+            data = base64.b64encode(p.read_bytes()).decode()
+            imgs.append(f'<img alt="{_e(name)}" src="data:image/png;base64,{data}">')
+    return "<h2>Plots</h2>" + "".join(imgs) if imgs else ""
+
+
+def page(report: Report, folder: Path) -> str:
+    src = report.source
+    parts = [f"<h1>{_e(report.recipe)}</h1>"]
+    if src is not None:
+        lineage = src.lineage or {}
+        parts.append(f"<p>Source <code>{_e(src.model)}</code> ({_e(src.dtype)}), fingerprint <code>{_e(src.fingerprint[:16])}</code>"
+                     + (f"; from <code>{_e(lineage.get('file'))}</code> (sha256 <code>{_e(str(lineage.get('sha256'))[:16])}</code>"
+                        + (f", {_e(lineage.get('package'))}" if lineage.get("package") else "") + ")" if lineage else "") + ".</p>")
+        if lineage.get("note"):
+            parts.append(f"<p class='note'>Note: {_e(lineage['note'])}.</p>")
+    for device, info in report.devices.items():
+        if info.status == "done":
+            parts.append(device_section(report, device))
+        else:
+            parts.append(f"<h2>{_e(device)}</h2><p class='pending'>{_e(info.status)}: {_e(info.reason)}</p>")
+    parts.append(_plots(folder))
+    parts.append("<h2>Builds</h2><table><thead><tr><th class='l'>artifact</th><th class='l'>format</th><th>size</th>"
+                 "<th>build s</th><th class='l'>status</th><th class='l'>content sha256</th></tr></thead><tbody>"
+                 + "".join(f"<tr><td class='l'>{_e(a.name)}</td><td class='l'>{_e(a.format)}</td><td>{_size(a.bytes)}</td>"
+                           f"<td>{_num(a.build_seconds, '.1f')}</td><td class='l {_e(a.status)}'>{_e(a.status)}{': ' + _e(a.reason) if a.reason else ''}</td>"
+                           f"<td class='l'><code>{_e((a.content_sha256 or '')[:16])}</code></td></tr>" for a in report.artifacts)
+                 + "</tbody></table>")
+    tools = ", ".join(f"{k} {v}" for k, v in sorted(report.tools.items()))
+    parts.append(f"<p class='note'>Recipe sha256 <code>{_e(report.recipe_sha256[:16])}</code>; quantforge {_e(report.quantforge_version)}"
+                 f"{'; git ' + _e(report.git_commit[:12]) if report.git_commit else ''}; {_e(tools)}; updated {_e(report.updated)}.</p>")
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(report.recipe)}: quantforge report</title>"
+            f"<style>{CSS}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+
+
+def write_html(report: Report, folder: Path) -> Path:
+    out = Path(folder) / PAGE
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page(report, Path(folder)), encoding="utf-8")
+    tmp.replace(out)
+    return out
