@@ -7,7 +7,7 @@ Serves ``ARTIFACTS_DIR/mlflow`` (the local store `quantforge register` writes) w
 already runs there, opens the pages in headless Chromium (Debian's ``chromium``:
 ``apt-get install -y chromium``), saves ``<out>`` and ``<out stem>-version.png``, and
 stops the server if it started it. Talks to MLflow over its REST API only, so
-pipeline/registry.py stays the one module that imports mlflow.
+pipeline/registry/ stays the one package that imports mlflow.
 """
 
 from __future__ import annotations
@@ -110,13 +110,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifacts_dir", type=Path)
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "mlflow-ui.png")
-    ap.add_argument("--model", help="registered model whose version page to show (default: the first with a production alias)")
+    ap.add_argument("--model", help="registered model whose version page to show (default: the recommended one on some device, else one in production)")
     ap.add_argument("--budget-ms", type=int, default=25000, help="virtual time Chromium gives the page to render")
     args = ap.parse_args()
 
     store = args.artifacts_dir.resolve() / "mlflow"
     if not (store / "mlflow.db").is_file():
-        sys.exit(f"{store / 'mlflow.db'} not found: run `quantforge register` (or tests.registry_fixtures) first")
+        sys.exit(f"{store / 'mlflow.db'} not found: run `quantforge run RECIPE` (or `quantforge register RECIPE`) first")
     started = False
     status = subprocess.run([str(SCRIPT), "status", str(store)], capture_output=True, text=True)
     if status.returncode == 0:
@@ -131,9 +131,12 @@ def main() -> None:
         if not models:
             sys.exit("no registered models in this store")
         chosen = next((m for m in models if m["name"] == args.model), None) if args.model else None
+        # The artifact recommended on some device, else one in production, else the first.
+        chosen = chosen or next((m for m in models if any(a.get("alias", "").startswith("recommended-") for a in m.get("aliases", []))), None)
         chosen = chosen or next((m for m in models if any(a.get("alias") == "production" for a in m.get("aliases", []))), models[0])
         aliases = {a["alias"]: a["version"] for a in chosen.get("aliases", [])}
-        version = aliases.get("production") or aliases.get("candidate") or chosen["latest_versions"][-1]["version"]
+        recommended = next((v for k, v in aliases.items() if k.startswith("recommended-")), None)
+        version = recommended or aliases.get("production") or aliases.get("candidate") or chosen["latest_versions"][-1]["version"]
         print(f"{len(models)} registered models; showing {chosen['name']} v{version} (aliases {aliases})")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         front = proxy(base)

@@ -158,7 +158,7 @@ def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: b
     if register:
         run_register(recipe_path, artifacts_dir, tracking_uri, log)
     name = load_recipe(recipe_path, check_source=False).recipe.name
-    log(f"done: report {report_path(artifacts_dir, name)}" + ("; browse the registry with `make ui`" if register and not tracking_uri else ""))
+    log(f"done: report {report_path(artifacts_dir, name)} (and report.html beside it)")
     if code != EXIT_OK:
         log("a stage failed (see the build table above): the targets that built were evaluated and registered")
         return code

@@ -71,11 +71,12 @@ GATE_ICON = {"passed": "✅ passed", "failed": "❌ failed", "pending": "⏳ pen
 STATUS_ICON = {"built": "✅ built", "failed": "❌ failed", "skipped": "⏭️ skipped", "planned": "· planned"}
 
 
-def _registry_cell(reg: dict[str, Any]) -> str:
-    if not reg or not reg.get("name"):
+def _registry_cell(reg) -> str:
+    """A RegistryEntry (or None) as `name` vN (@aliases)."""
+    if reg is None or not reg.name:
         return "–"
-    cell = f"{code(reg['name'])} v{esc(reg.get('version'))}"
-    aliases = reg.get("aliases") or []
+    cell = f"{code(reg.name)} v{esc(reg.version)}"
+    aliases = reg.aliases
     if aliases:
         cell += " (" + ", ".join(f"@{esc(a)}" for a in aliases) + ")"
     return cell
@@ -83,25 +84,25 @@ def _registry_cell(reg: dict[str, Any]) -> str:
 
 def _eval_rows(report, device: str) -> tuple[list[list[str]], list[str]]:
     rows, notes = [], []
-    base = report.baseline.get(device) or {}
+    base = report.baseline.get(device)
 
-    def row(name: str, kind: str, ev: dict[str, Any]) -> list[str]:
-        m = ev.get("metrics") or {}
-        status = ev.get("status") or "–"
-        if status not in ("done", None) and ev.get("reason"):
-            notes.append(f"- {code(name)} on {code(device)}: {esc(status)}: {esc(short(ev.get('reason')))}")
-        elif ev.get("speed_reason"):
-            notes.append(f"- {code(name)} on {code(device)}: speed not measured: {esc(short(ev.get('speed_reason')))}")
-        runtime = esc(ev.get("runtime") or "–") + (" (dequantized)" if ev.get("dequantized") else "")
+    def row(name: str, kind: str, ev) -> list[str]:
+        m = ev.metrics
+        status = ev.status or "–"
+        if status != "done" and ev.reason:
+            notes.append(f"- {code(name)} on {code(device)}: {esc(status)}: {esc(short(ev.reason))}")
+        elif ev.speed_reason:
+            notes.append(f"- {code(name)} on {code(device)}: speed not measured: {esc(short(ev.speed_reason))}")
+        runtime = esc(ev.runtime or "–") + (" (dequantized)" if ev.dequantized else "")
         return [
             code(name), esc(kind), esc(status), runtime,
-            num(m.get("perplexity"), "{:.3f}"), num(m.get("delta_ppl_pct"), "{:+.2f}"),
-            num(m.get("kl_mean"), "{:.4f}"), num(m.get("top1_agreement_pct"), "{:.1f}"),
-            num(m.get("decode_tps"), "{:.1f}"), num(m.get("decode_speedup"), "{:.2f}×"),
-            mib(m.get("size_bytes")),
+            num(m.perplexity, "{:.3f}"), num(m.delta_ppl_pct, "{:+.2f}"),
+            num(m.kl_mean, "{:.4f}"), num(m.top1_agreement_pct, "{:.1f}"),
+            num(m.decode_tps, "{:.1f}"), num(m.decode_speedup, "{:.2f}×"),
+            mib(m.size_bytes),
         ]
 
-    if base:
+    if base is not None:
         rows.append(row("source", "source", base))
     for a in report.artifacts:
         ev = a.evals.get(device)
@@ -141,36 +142,39 @@ def render_report(report, device: str | None = None, title: str | None = None) -
     # Evals per device
     devices = [device] if device else list(dict.fromkeys([*report.devices, *report.baseline, *(d for a in report.artifacts for d in a.evals)]))
     for d in devices:
-        info = report.devices.get(d) or {}
-        state = info.get("status") or ("done" if d in report.baseline else "pending")
+        info = report.devices.get(d)
+        state = info.status if info is not None else ("done" if d in report.baseline else "pending")
         rows, dev_notes = _eval_rows(report, d)
         out += [f"### Eval on {code(d)} ({esc(state)})", ""]
-        if state != "done" and info.get("reason"):
-            out += [f"_{esc(short(info['reason']))}_", ""]
+        if state != "done" and info is not None and info.reason:
+            out += [f"_{esc(short(info.reason))}_", ""]
         out += table(["model", "kind", "status", "runtime", "perplexity", "Δppl %", "KL mean", "top-1 %", "decode tok/s", "speedup", "MiB"], rows) \
             or ["_no results on this device yet_", ""]
+        rec = report.recommendations.get(d)
+        if rec is not None:
+            out += [f"Recommended on {code(d)}: " + (f"**{code(rec.artifact)}** ({esc(short(rec.reason))})" if rec.artifact else esc(short(rec.reason))), ""]
         notes += dev_notes
 
     # Gates
     rows = []
     for a in report.artifacts:
-        g = a.gates or {}
-        if not g:
+        g = a.gates
+        if g is None:
             continue
-        failed = [c for c in g.get("checks", []) if not c.get("passed")]
+        failed = [c for c in g.checks if not c.passed]
         why = "; ".join(
-            f"{c.get('name')} on {c.get('device')}: "
-            + (f"{num(c.get('value'), '{:.4g}')} vs {num(c.get('threshold'), '{:.4g}')}" if c.get("value") is not None else short(c.get("reason") or "not measured", 120))
+            f"{c.name} on {c.device}: "
+            + (f"{num(c.value, '{:.4g}')} vs {num(c.threshold, '{:.4g}')}" if c.value is not None else short(c.reason or "not measured", 120))
             for c in failed
         )
-        rows.append([code(a.name), GATE_ICON.get(g.get("status"), esc(g.get("status") or "–")),
-                     esc(why) or "–", esc(", ".join(g.get("pending_devices") or [])) or "–"])
+        rows.append([code(a.name), GATE_ICON.get(g.status, esc(g.status or "–")),
+                     esc(why) or "–", esc(", ".join(g.pending_devices)) or "–"])
     if rows:
         out += ["### Gates", ""] + table(["artifact", "gates", "failed checks", "pending devices"], rows)
 
-    if report.registry.get("tracking_uri"):
+    if report.registry.tracking_uri:
         reg = report.registry
-        out += [f"registered in experiment {code(reg.get('experiment_name'))}, parent run {code(reg.get('parent_run_id'))} at {esc(reg.get('registered'))}", ""]
+        out += [f"registered in experiment {code(reg.experiment_name)}, parent run {code(reg.parent_run_id)} at {esc(reg.registered)}", ""]
     if notes:
         out += ["<details><summary>Notes (skipped, failed, not measured)</summary>", ""] + notes + ["", "</details>", ""]
     return "\n".join(out)

@@ -110,7 +110,7 @@ def serve_commands(kind: str, gguf_file: str | None, model: str, folder: str = "
     fmt = artifact_format(kind)
     runtimes = fmt.serves_with if fmt else ()
     modelopt = kind.startswith("tensorrt")
-    gguf = f"{folder}/{gguf_file or '<file>.gguf'}"
+    gguf = f"{folder}/{gguf_file}" if gguf_file else f"{folder}/*.gguf"
     out = []
     for rt in runtimes:
         if rt == "vllm":
@@ -127,7 +127,9 @@ def serve_commands(kind: str, gguf_file: str | None, model: str, folder: str = "
         elif rt == "lm-studio":
             out.append(f"lms import {gguf}")
         elif rt == "tensorrt-llm":
-            out.append(f"trtllm-serve {folder}")
+            # An engine folder (with the tokenizer beside it) runs on TensorRT-LLM 1.x's TensorRT
+            # backend; a ModelOpt checkpoint on its default PyTorch backend.
+            out.append(f"trtllm-serve {folder} --backend tensorrt --tokenizer {folder}" if kind == "tensorrt-engine" else f"trtllm-serve {folder}")
     return out
 
 

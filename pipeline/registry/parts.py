@@ -13,6 +13,8 @@ written once and never changed (same content, same name: a job that finds its di
 already there uploads nothing), so a reader that sees a set of names always computes
 the same merged report; the digest in the name lets a reader check it did not read a
 part while it was still being written (MLflow's artifact stores copy files in place).
+Two jobs with the same content that upload at the same moment leave it twice, under
+two times: merging the same facts twice changes nothing.
 
 ``quantforge/report.json`` on the build run is a *view*: the merged report, written by
 each registration once it has merged every part it can see (see

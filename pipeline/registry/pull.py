@@ -85,7 +85,13 @@ class Pull:
 
     def remote_report(self, run) -> Report:
         names = P.list_parts(self.client, run.info.run_id)
-        merged = P.merge_parts([P.read_part(self.client, run.info.run_id, n) for n in names])
+        parts = []
+        for n in names:
+            try:
+                parts.append(P.read_part(self.client, run.info.run_id, n))
+            except P.PartUnreadable as exc:  # what registration leaves out too
+                self.log(f"pull: {exc}; left out of the merge")
+        merged = P.merge_parts(parts)
         if merged is None:
             merged = P.read_view(self.client, run.info.run_id, self.log)
         if merged is None:

@@ -28,7 +28,7 @@ shared object; each step relies on something MLflow's SQL store guarantees:
 
 * *Versions*: a version number is allocated as max+1 inside the insert's transaction and
   retried on a unique-key conflict (``SqlAlchemyStore.create_model_version``,
-  mlflow/store/model_registry/sqlalchemy_store.py:1044-1092), and the max counts deleted
+  mlflow/store/model_registry/sqlalchemy_store.py:1044-1096), and the max (:1050) counts deleted
   versions, so numbers are never reused and a version created later has a higher number.
   Its ``content_sha256`` tag is written in the same transaction. So "the lowest version
   with this content" is one well-defined version that never changes once visible: each
@@ -48,9 +48,10 @@ shared object; each step relies on something MLflow's SQL store guarantees:
   pid on this host, or older than ``QUANTFORGE_REGISTER_LEASE_S``, default an hour) or
   that failed are deleted by the next registration of that artifact.
 * *Upserts* (aliases, version tags, params) that race on a unique key come back as
-  BAD_REQUEST ``UNIQUE constraint failed`` (store/db/utils.py:185-187; the client does not
+  BAD_REQUEST ``UNIQUE constraint failed`` (``session.merge`` at
+  model_registry/sqlalchemy_store.py:1468 and :1530; store/db/utils.py:186-188; the client does not
   retry 4xx): :func:`pipeline.registry.tracking.retry_races` repeats them. Run tags are
-  retried by MLflow itself (store/tracking/sqlalchemy_store.py:2258-2272).
+  retried by MLflow itself (store/tracking/sqlalchemy_store.py:2258-2275).
 * *The report*: no job rewrites a shared report. Each uploads its own part once, named by
   its content's digest (parts.py); everything registered about the build (gates,
   recommendations, metrics, tags, descriptions, aliases, the report.json view) is then
@@ -60,6 +61,13 @@ shared object; each step relies on something MLflow's SQL store guarantees:
   apply has seen every part and the end state is the merge of all of them, whatever the
   order. Metrics are logged at step = the number of parts merged, so the fullest merge
   is MLflow's latest value whatever the clocks of the machines.
+
+Limits, by design: ``production`` only ever moves forward (a build that fails leaves it
+where it was), so where it ends can depend on which partial views were applied when two
+registrations carry *different contents* of one artifact; for the same content (CI's eval
+jobs of one build) it cannot. Parts are ordered by their report's ``updated`` time (1 s
+resolution): two jobs that measured the same device of the same content within one
+second disagree by digest order, the same for every reader.
 
 Registering an unchanged report again creates no runs, uploads, versions or metric points.
 """
@@ -82,7 +90,7 @@ from pipeline.core.store import MANIFEST, sha256_file, verify_folder
 from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
 from pipeline.registry import cards, parts as P, promotion
 from pipeline.registry.tracking import (
-    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MAX_BATCH_METRICS, MAX_BATCH_PARAMS_TAGS, MAX_PARAM_VALUE, MAX_TAG_VALUE,
+    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MAX_BATCH_METRICS, MAX_BATCH_PARAMS_TAGS, MAX_PARAM_VALUE,
     TAG_PREFIX, check_reachable, client as make_client, first_line, flatten, is_connection_error, key, local_artifact_root,
     quiet, quote, retry_races, tag_value, tracking_uri_for, ui_hint,
 )
@@ -165,7 +173,11 @@ class Registration:
         self.uri = tracking_uri
         self.log = log
         self.config = recipe_config(report)
-        self.recipe = Recipe.model_validate(self.config)
+        try:
+            self.recipe = Recipe.model_validate(self.config)
+        except ValueError as exc:
+            raise InvalidInput(f"{report_path}: its recipe_config is not a recipe this quantforge reads "
+                               f"({first_line(exc)}); register it with the quantforge version that built it, or build it again") from None
         self.spec = self.recipe.registry
         self.user_tags = {key(k): str(v) for k, v in self.spec.tags.items()}
         self.client = make_client(tracking_uri)
@@ -176,7 +188,6 @@ class Registration:
         self.failures: list[str] = []
         self.mine: set[str] = set()  # runs this job created
         self.parts = P.PartCache(self.client)
-        self.files: dict[str, dict] = {}  # artifact name -> its manifest (artifacts on this machine)
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.merged: Report | None = None
@@ -323,7 +334,6 @@ class Registration:
         """Registered model, verified upload and version for one artifact of this report (once per content)."""
         name = model_name_for(self.config, self.report.recipe, a)
         manifest = json.loads((folder / MANIFEST).read_text())
-        self.files[a.name] = manifest
         self.registered_model(name, a)
         mv = canonical_version(self.client, name, a.content_sha256)
         if mv is None:
@@ -390,7 +400,11 @@ class Registration:
         if referenced:
             tags["artifact_ref"] = run.data.tags.get(f"{TAG_PREFIX}artifact_ref") or "files not uploaded"
         mv = self.client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=tags,
-                                              description=f"{a.name}: registered by quantforge; details follow once the registration completes.")
+                                              await_creation_for=None)
+        # Described from this job's report at once; every registration re-describes it from the merge of all parts.
+        mine = promotion.decide(self.report)
+        self.client.update_model_version(name, str(mv.version), description=cards.version_description(
+            mine, mine.artifact(a.name) or a, name, str(mv.version), self.uri, self.spec.promotion_alias, gguf))
         self.counts["versions_created"] += 1
         self.log(f"register: {a.name}: created {name} version {mv.version}")
         return mv
@@ -494,7 +508,12 @@ class Registration:
     # ------------------------------------------------------ convergence
     def view(self, experiment_id: str, parent) -> tuple[list[str], Report]:
         names = P.list_parts(self.client, parent.info.run_id)
-        parts = [self.parts.get(parent.info.run_id, n) for n in names]
+        parts = []
+        for n in names:
+            try:
+                parts.append(self.parts.get(parent.info.run_id, n))
+            except P.PartUnreadable as exc:  # unreadable for every reader alike: left out by all
+                self.log(f"register: {exc}; left out of the merge")
         merged = P.merge_parts(parts)
         if merged is None:  # a build run registered by quantforge 0.1: its report.json
             merged = P.read_view(self.client, parent.info.run_id, self.log) or P.part_of(self.report)
@@ -505,6 +524,7 @@ class Registration:
         from mlflow.exceptions import MlflowException
 
         seen: tuple | None = None
+        errors = 0
         for _ in range(MAX_ROUNDS):
             parent = self.build_run(experiment_id, create=True)
             names = P.list_parts(self.client, parent.info.run_id)
@@ -519,7 +539,10 @@ class Registration:
             except MlflowException as exc:
                 if is_connection_error(exc):
                     raise
-                # e.g. the build run was folded into another one meanwhile: look again
+                # e.g. the build run was folded into another one meanwhile: look again (not forever)
+                errors += 1
+                if errors >= 3:
+                    raise
                 self.log(f"register: {first_line(exc)}; looking again")
                 seen = None
                 continue
@@ -593,13 +616,11 @@ class Registration:
         tags: dict[str, str] = {}
         for device, ev in evals.items():
             p = f"{prefix}.{device}" if prefix else device
+            # Every field, "-" when unset: tags cannot be removed by a later view, only overwritten.
             tags[f"{p}.status"] = ev.status
             for field in ("runtime", "speed_runtime", "fingerprint", "reason", "speed_reason", "tasks_reason"):
-                value = getattr(ev, field)
-                if value is not None:
-                    tags[f"{p}.{field}"] = str(value)
-            if ev.dequantized is not None:
-                tags[f"{p}.dequantized"] = str(ev.dequantized).lower()
+                tags[f"{p}.{field}"] = tag_value(getattr(ev, field))
+            tags[f"{p}.dequantized"] = "-" if ev.dequantized is None else str(ev.dequantized).lower()
         return tags
 
     def _describe_run(self, run, parent, merged: Report, a: ArtifactReport, name: str, version: str, keys: dict, step: int) -> None:
@@ -657,16 +678,22 @@ class Registration:
         for device, ev in a.evals.items():
             for k, v in cards.metric_values(ev.metrics).items():
                 tags[f"{device}.{k}"] = repr(v)
-            if ev.runtime:
-                tags[f"{device}.runtime"] = ev.runtime
-            if ev.status != "done":
-                tags[f"{device}.status"] = ev.status
+            tags[f"{device}.runtime"] = tag_value(ev.runtime)
+            tags[f"{device}.status"] = ev.status
         have = mv.tags or {}
+        if a.kind == "gguf" and not have.get("gguf_file"):  # a version registered before the tag existed
+            import mlflow.artifacts
+
+            names = [Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=mv.source, tracking_uri=self.uri)]
+            gguf = next((n for n in names if n.endswith(".gguf")), None)
+            if gguf:
+                tags["gguf_file"] = gguf
         for k, v in tags.items():
             k, v = key(k), tag_value(v)
             if have.get(k) != v:
                 retry_races(self.client.set_model_version_tag, mv.name, str(mv.version), k, v)
-        desc = cards.version_description(merged, a, mv.name, str(mv.version), self.uri, self.spec.promotion_alias, have.get("gguf_file"))
+        desc = cards.version_description(merged, a, mv.name, str(mv.version), self.uri, self.spec.promotion_alias,
+                                         tags.get("gguf_file") or have.get("gguf_file"))
         if (mv.description or "") != desc:
             self.client.update_model_version(mv.name, str(mv.version), description=desc)
 
@@ -693,10 +720,8 @@ class Registration:
             tags[f"{TAG_PREFIX}params_truncated"] = f"values over {MAX_PARAM_VALUE} chars cut: " + ", ".join(truncated)
         for device, info in r.devices.items():
             tags[f"device.{device}.status"] = info.status
-            if info.fingerprint_hash:
-                tags[f"device.{device}.fingerprint"] = info.fingerprint_hash
-            if info.reason:
-                tags[f"device.{device}.reason"] = info.reason
+            tags[f"device.{device}.fingerprint"] = tag_value(info.fingerprint_hash)
+            tags[f"device.{device}.reason"] = tag_value(info.reason)
         tags.update(self._eval_tags(r.baseline, "baseline"))
         self._tags(parent.info.run_id, parent.data.tags, tags)
         self._metrics(parent.info.run_id, parent.data.metrics, self._device_metrics(r.baseline, None), step)

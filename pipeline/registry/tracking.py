@@ -126,9 +126,19 @@ def env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+#: Retries of one request when the server errs or goes away: MLflow's default (7, backoff
+#: factor 2: about 4 minutes) is sized for rate-limited hosted servers; a quantforge job
+#: against its own server should say within ~30 s that the server went away (4 retries:
+#: 2+4+8+16 s), and still ride out a restart or a busy SQLite store (503). The user's own
+#: MLFLOW_HTTP_REQUEST_MAX_RETRIES wins.
+JOB_RETRIES = "4"
+
+
 def quiet() -> contextlib.AbstractContextManager:
-    """MLflow prints run URLs to stdout and draws progress bars; our log says what happened."""
-    return env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    """The environment a job talks to MLflow in: no run URLs printed to stdout, no progress bars
+    (our log says what happened), and retries sized for a job (see JOB_RETRIES)."""
+    return env(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT="true", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES=os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", JOB_RETRIES))
 
 
 def check_reachable(mlflow_client) -> None:
@@ -150,11 +160,12 @@ def is_connection_error(exc: BaseException) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError,
+                            ConnectionError)):
             return True
         if isinstance(exc, MlflowException) and any(s in str(exc) for s in (
                 "Max retries exceeded", "Connection refused", "ConnectionError", "Failed to establish",
-                "Connection aborted", "RemoteDisconnected", "Read timed out")):
+                "Connection aborted", "Connection broken", "RemoteDisconnected", "IncompleteRead", "Read timed out")):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
