@@ -20,6 +20,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #d0d7de;padding:.3em .6em;text-align:right}th{background:#f6f8fa}
+td:not(.l){white-space:nowrap}figure{margin:1em 0}figcaption{max-width:1100px}
 td.l,th.l{text-align:left}tr.recommended{background:#dafbe1;font-weight:600}tr.source{background:#f6f8fa}
 .passed{color:#1a7f37}.failed{color:#cf222e}.pending,.unverified,.skipped{color:#9a6700}
 .note{color:#57606a;font-size:.92em}.rec{background:#dafbe1;border:1px solid #4ac26b;padding:.6em 1em;border-radius:6px;display:inline-block}
@@ -59,7 +60,7 @@ def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str]) -> str
     return f'<tr class="{cls}">' + "".join(cells) + "</tr>"
 
 
-def device_section(report: Report, device: str) -> str:
+def device_section(report: Report, device: str, folder: Path | None = None) -> str:
     from evals.gates import failed_checks
 
     info = report.devices[device]
@@ -83,13 +84,13 @@ def device_section(report: Report, device: str) -> str:
             if check.endswith(f"on {device}"):
                 notes.append(f"{a.name}: gate failed: {check}")
     where = fp.get("gpu") or fp.get("cpu_model", "")
-    out = [f"<h2>{_e(device)}: {_e(where)} <span class='note'>[{_e(info.fingerprint_hash)}]</span></h2>"]
+    out = [f"<h2 id='device-{_e(device)}'>{_e(device)}: {_e(where)} <span class='note'>[{_e(info.fingerprint_hash)}]</span></h2>"]
     if rec is not None:
         text = f"Ship <b>{_e(rec.artifact)}</b> on {_e(device)}: {_e(rec.reason)}" if rec.artifact else f"Nothing to ship on {_e(device)}: {_e(rec.reason)}"
         out.append(f'<p class="rec" id="recommended-{_e(device)}">{text}</p>')
         if rec.pareto:
             out.append(f"<p class='note'>Pareto front (size vs KL divergence): {_e(', '.join(rec.pareto))}</p>")
-    out.append("<table><thead><tr>" + "".join(f'<th class="{"l" if h in ("artifact", "runtime", "gate") else ""}">{_e(h)}</th>' for h in head)
+    out.append(f"<table class='results' data-device='{_e(device)}'><thead><tr>" + "".join(f'<th class="{"l" if h in ("artifact", "runtime", "gate") else ""}">{_e(h)}</th>' for h in head)
                + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
     out += [f"<p class='note'>{_e(n)}</p>" for n in notes]
     bw = info.bandwidth
@@ -97,19 +98,23 @@ def device_section(report: Report, device: str) -> str:
         out.append(f"<p class='note'>% roofline: decode tokens/s as a share of {bw['bandwidth_gbs']} GB/s ({_e(bw.get('method'))}) "
                    "divided by the weight bytes read per token. Dequantized: the runtime expanded low-bit weights to "
                    "floats (no low-bit kernels ran), so its speed is not the format's.</p>")
+    if folder is not None:
+        out.append(_plot(folder, device))
     return "\n".join(out)
 
 
-def _plots(folder: Path) -> str:
-    from evals.plots import PLOTS
+def _plot(folder: Path, device: str) -> str:
+    """The device's figure (evals/plots.py), inline, so the page stays one self-contained file."""
+    from evals.plots import plot_path
 
-    imgs = []
-    for name in PLOTS:
-        p = folder / name
-        if p.is_file():
-            data = base64.b64encode(p.read_bytes()).decode()
-            imgs.append(f'<img alt="{_e(name)}" src="data:image/png;base64,{data}">')
-    return "<h2>Plots</h2>" + "".join(imgs) if imgs else ""
+    p = plot_path(folder, device)
+    if not p.is_file():
+        return ""
+    data = base64.b64encode(p.read_bytes()).decode()
+    return (f'<figure><img alt="{_e(device)}: quality, KL divergence and decode speed against size" src="data:image/png;base64,{data}">'
+            "<figcaption class='note'>Marker shape: the runtime that measured it; hollow: that runtime dequantized the weights, "
+            "so its speed is dense compute; colour: the gate verdict; dashed line: the recipe's gate; ringed: on the Pareto front; "
+            "star: the recommended artifact.</figcaption></figure>")
 
 
 def page(report: Report, folder: Path) -> str:
@@ -120,14 +125,15 @@ def page(report: Report, folder: Path) -> str:
         parts.append(f"<p>Source <code>{_e(src.model)}</code> ({_e(src.dtype)}), fingerprint <code>{_e(src.fingerprint[:16])}</code>"
                      + (f"; from <code>{_e(lineage.get('file'))}</code> (sha256 <code>{_e(str(lineage.get('sha256'))[:16])}</code>"
                         + (f", {_e(lineage.get('package'))}" if lineage.get("package") else "") + ")" if lineage else "") + ".</p>")
+        if not lineage and src.commit:
+            parts.append(f"<p class='note'>Revision <code>{_e(src.commit)}</code>.</p>")
         if lineage.get("note"):
             parts.append(f"<p class='note'>Note: {_e(lineage['note'])}.</p>")
     for device, info in report.devices.items():
         if info.status == "done":
-            parts.append(device_section(report, device))
+            parts.append(device_section(report, device, folder))
         else:
             parts.append(f"<h2>{_e(device)}</h2><p class='pending'>{_e(info.status)}: {_e(info.reason)}</p>")
-    parts.append(_plots(folder))
     parts.append("<h2>Builds</h2><table><thead><tr><th class='l'>artifact</th><th class='l'>format</th><th>size</th>"
                  "<th>build s</th><th class='l'>status</th><th class='l'>content sha256</th></tr></thead><tbody>"
                  + "".join(f"<tr><td class='l'>{_e(a.name)}</td><td class='l'>{_e(a.format)}</td><td>{_size(a.bytes)}</td>"

@@ -6,8 +6,8 @@ from typing import Any
 
 from pipeline.core.report import EvalEntry, Report
 
-COLUMNS = ("artifact", "runtime", "size", "ppl", "Δppl%", "KLD", "KLD p99", "top1%", "prefill t/s", "decode t/s",
-           "%roof", "gate")
+COLUMNS = ("artifact", "runtime", "size", "ppl", "Δppl%", "KLD", "KLD p99", "top1%", "tasks%", "Δtasks", "prefill t/s",
+           "decode t/s", "%roof", "gate")
 RUNTIME_SHORT = {"transformers": "hf", "llama_cpp": "llama.cpp", "tensorrt_llm": "trt-llm", "modelopt_dequant": "modelopt"}
 
 
@@ -25,6 +25,18 @@ def _f(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _task_delta(ev) -> str:
+    """Mean change in task accuracy vs the source, in points, with its paired standard error."""
+    import math
+
+    deltas = [t for t in ev.tasks.values() if t.delta is not None]
+    if not deltas:
+        return ""
+    mean = 100 * sum(t.delta for t in deltas) / len(deltas)
+    se = 100 * math.sqrt(sum((t.delta_stderr or 0) ** 2 for t in deltas)) / len(deltas)
+    return f"{mean:+.1f}±{se:.1f}"
+
+
 def rows_for_device(report: Report, device: str, notes: list[str] | None = None) -> list[list[str]]:
     """Table rows; the reasons of skipped or failed rows go to `notes` (they are long)."""
     rows = []
@@ -39,14 +51,15 @@ def rows_for_device(report: Report, device: str, notes: list[str] | None = None)
         if ev.status in ("skipped", "failed", "pending") and m.perplexity is None:
             if notes is not None and ev.reason:
                 notes.append(f"{name}: {ev.status}: {ev.reason}")
-            rows.append([name, ev.runtime or "-", _size(a.bytes if a else None), ev.status, "", "", "", "", "", "", "", gate])
+            rows.append([name, ev.runtime or "-", _size(a.bytes if a else None), ev.status, "", "", "", "", "", "", "", "", "", gate])
             continue
         deq = " dq" if ev.dequantized else ""
         rt = ev.runtime or "-"
         rows.append([
             name, f"{RUNTIME_SHORT.get(rt, rt)}{deq}", _size(m.size_bytes), _f(m.perplexity, ".3f"),
             _f(m.delta_ppl_pct, "+.2f") if a else "", _f(m.kl_mean, ".4f") if a else "", _f(m.kl_p99, ".3f") if a else "",
-            _f(m.top1_agreement_pct, ".1f") if a else "", _f(m.prefill_tps, ",.0f"), _f(m.decode_tps, ",.1f"),
+            _f(m.top1_agreement_pct, ".1f") if a else "", _f(m.task_accuracy * 100 if m.task_accuracy is not None else None, ".1f"),
+            _task_delta(ev) if a else "", _f(m.prefill_tps, ",.0f"), _f(m.decode_tps, ",.1f"),
             _f(m.roofline_pct, ".0f"), gate if ev.status == "done" else f"{gate} ({ev.status})",
         ])
     return rows
@@ -86,6 +99,11 @@ def render(report: Report, console=None, devices: list[str] | None = None) -> No
         if bw.get("bandwidth_gbs"):
             console.print(f"  %roof: decode tok/s as % of {bw['bandwidth_gbs']} GB/s ({bw.get('method')}) / weight bytes "
                           "read per token; dq: low-bit weights were dequantized to run (no low-bit kernels)", markup=False)
+        tasks = sorted({t.task for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks.values()})
+        if tasks:
+            n = max((t.samples or 0) for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks.values())
+            console.print(f"  tasks%: mean accuracy on {', '.join(tasks)} ({n} items each, lm-evaluation-harness); "
+                          "Δtasks: mean change vs the source in points ± its paired standard error", markup=False)
 
 
 def print_eval_tables(report: Report, console=None) -> None:

@@ -130,9 +130,15 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
             continue
         entries[a.name] = entry_from(res, baseline, bandwidth, a.bytes or _dir_bytes(Path(a.path)))
     if spec.tasks:
-        from evals.tasks import attach_task_scores
+        from evals.tasks import attach_scores
 
-        attach_task_scores(results, device, baseline, entries)
+        def scores(stage: str):
+            res = results.get(stage)
+            return ((res.output.result.get("tasks") or {}).get("scores") if res is not None and res.output is not None else None)
+
+        raw = {"source": scores(f"eval/{device}/source")}
+        raw.update({a.name: scores(f"eval/{device}/{a.name}") for a in report.built()})
+        attach_scores(raw, baseline, entries)
     info = DeviceInfo(status="done", fingerprint=ec.fingerprint, fingerprint_hash=ec.fingerprint_hash,
                       bandwidth=bandwidth, suite=ec.suite.spec.name, suite_fingerprint=ec.suite.fingerprint[:16])
     return baseline, entries, info

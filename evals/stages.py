@@ -7,7 +7,9 @@ Per device there are, for a recipe whose report lists its built artifacts:
                                    reference distributions (reference.npz) and token ids (ids.npy)
                                    that every artifact is compared against
     eval/<device>/<artifact>       one artifact: accuracy against that reference, and speed
-    eval/<device>/<model>/tasks    lm-evaluation-harness tasks (when the recipe lists tasks)
+
+Each model's stage also scores the recipe's lm-evaluation-harness tasks (``evals.tasks``), in
+the same process as its accuracy, with the model already loaded.
 
 An artifact's eval stage is keyed by the artifact's *content* hash (not its build
 stage's key), so results follow the bytes: an eval runner that pulled the
@@ -125,7 +127,7 @@ def _runtime_tools(*names: str | None) -> dict[str, str]:
 
 def _common_params(ec: EvalContext, choice: RuntimeChoice) -> dict:
     s = ec.spec
-    return {
+    params = {
         "suite": ec.suite.fingerprint,
         "context": s.context,
         "max_windows": s.max_windows,
@@ -134,6 +136,21 @@ def _common_params(ec: EvalContext, choice: RuntimeChoice) -> dict:
         "accuracy_runtime": choice.accuracy,
         "speed_runtime": choice.speed,
     }
+    if s.tasks and choice.accuracy:
+        from evals.tasks import fingerprint, resolve
+
+        _, names = resolve(s.tasks, ec.loaded.path.parent)
+        params["tasks"] = {"names": names, "limit": s.task_limit, "fingerprint": fingerprint(s.tasks, ec.loaded.path.parent)}
+    return params
+
+
+def _task_include(ec: EvalContext) -> list[str]:
+    """Where the task files are on this machine (a path: never in a key; their content is, via the fingerprint)."""
+    if not ec.spec.tasks:
+        return []
+    from evals.tasks import resolve
+
+    return resolve(ec.spec.tasks, ec.loaded.path.parent)[0]
 
 
 def source_stage_name(device: str) -> str:
@@ -150,7 +167,8 @@ def eval_stages(ec: EvalContext, report) -> list[Stage]:
         kind="eval-source",
         version=EVAL_VERSION,
         params=_common_params(ec, src_choice),
-        run=partial(run_model_eval, path=source_path, choice=src_choice, is_source=True, suite_text=ec.suite.text),
+        run=partial(run_model_eval, path=source_path, choice=src_choice, is_source=True, suite_text=ec.suite.text,
+                    task_include=_task_include(ec)),
         tools=_runtime_tools(src_choice.accuracy, src_choice.speed),
         device_fingerprint=ec.fingerprint_hash,
         external_key=report.source.fingerprint or str(source_path),
@@ -169,7 +187,8 @@ def eval_stages(ec: EvalContext, report) -> list[Stage]:
             version=EVAL_VERSION,
             params={**_common_params(ec, choice), "artifact_kind": a.kind},
             inputs={} if choice.accuracy is None else {"reference": src.name},
-            run=partial(run_model_eval, path=Path(a.path), choice=choice, is_source=False, suite_text=ec.suite.text),
+            run=partial(run_model_eval, path=Path(a.path), choice=choice, is_source=False, suite_text=ec.suite.text,
+                        task_include=_task_include(ec)),
             tools=_runtime_tools(choice.accuracy, choice.speed),
             device_fingerprint=ec.fingerprint_hash,
             external_key=a.content_sha256 or a.stage_key or a.path,
@@ -178,10 +197,6 @@ def eval_stages(ec: EvalContext, report) -> list[Stage]:
             description=f"{a.name} on {ec.device}: " + ", ".join(
                 f"{what} with {rt}" for what, rt in (("accuracy", choice.accuracy), ("speed", choice.speed)) if rt),
         ))
-    if ec.spec.tasks:
-        from evals.tasks import task_stages
-
-        stages += task_stages(ec, report)
     return stages
 
 
@@ -224,7 +239,8 @@ def _worker(ctx: StageContext, name: str, job: dict) -> dict:
         out_file.unlink(missing_ok=True)
 
 
-def run_model_eval(ctx: StageContext, *, path: Path, choice: RuntimeChoice, is_source: bool, suite_text: str | None = None) -> dict:
+def run_model_eval(ctx: StageContext, *, path: Path, choice: RuntimeChoice, is_source: bool, suite_text: str | None = None,
+                   task_include: list[str] | None = None) -> dict:
     """Accuracy (against the reference) and speed of one model on one device."""
     from pipeline.errors import StageFailed
 
@@ -251,10 +267,13 @@ def run_model_eval(ctx: StageContext, *, path: Path, choice: RuntimeChoice, is_s
             ref = ctx.input("reference")
             acc.update(ids=str(ref.path / IDS_FILE), bos=ref.result["accuracy"].get("bos_id"),
                        reference=str(ref.path / REFERENCE_FILE))
-        jobs.setdefault(choice.accuracy, {"runtime": choice.accuracy, "path": str(path), "device": device, "threads": threads})["accuracy"] = acc
+        job = jobs.setdefault(choice.accuracy, {"runtime": choice.accuracy, "path": str(path), "device": device, "threads": threads})
+        job["accuracy"] = acc
+        if p.get("tasks"):
+            job["tasks"] = {"names": p["tasks"]["names"], "limit": p["tasks"]["limit"], "include": task_include or []}
     for runtime, job in jobs.items():
         res = _worker(ctx, runtime, job)
-        for part in ("speed", "accuracy"):
+        for part in ("speed", "accuracy", "tasks"):
             if part in job:
                 r = res.get(part) or {"status": "failed", "reason": "no result"}
                 if r.get("status") != "done":

@@ -39,7 +39,40 @@ def run_job(job: dict) -> dict:
                 Path(a["write_reference"]) if a.get("write_reference") else None)
         except Exception as exc:
             out["accuracy"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
+    if job.get("tasks"):
+        try:
+            out["tasks"] = {"status": "done", **run_tasks(job)}
+        except Exception as exc:
+            out["tasks"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     return out
+
+
+def run_tasks(job: dict) -> dict:
+    """lm-evaluation-harness tasks on the model this runtime loads (evals.tasks)."""
+    import time
+
+    from evals import tasks
+
+    t = job["tasks"]
+    runtime, path, device, threads = job["runtime"], Path(job["path"]), job["device"], job["threads"]
+    t0 = time.perf_counter()
+    if runtime == "llama_cpp":
+        from evals.runtimes.lmeval_llamacpp import LlamaCppLM
+        from evals.runtimes.llama_cpp_rt import gguf_file
+
+        lm = LlamaCppLM(model_path=str(gguf_file(path)), n_threads=threads, n_gpu_layers=0 if device == "cpu" else -1)
+        session = None
+    else:
+        from evals.runtimes import get_runtime
+
+        session = get_runtime(runtime).open(path, device, threads, logits=True)
+        lm = tasks.hf_lm(session.model, path)
+    try:
+        scores = tasks.run(lm, t["include"], t["names"], t["limit"])
+    finally:
+        if session is not None:
+            session.close()
+    return {"scores": scores, "runtime": runtime, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

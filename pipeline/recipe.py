@@ -106,7 +106,10 @@ class EvalSpec(Strict):
     context: int = Field(256, ge=16)
     max_windows: int = Field(32, ge=1)
     speed: SpeedSpec = SpeedSpec()
+    #: lm-evaluation-harness tasks: shipped (kjv_cloze, kjv_word4, kjv_next4), a task YAML path, or lm-eval's own
     tasks: list[str] = []
+    #: items of each task scored for every model (the same items for all)
+    task_limit: int | None = Field(100, ge=1)
 
     @field_validator("devices")
     @classmethod

@@ -85,6 +85,11 @@ def data_problems(loaded: LoadedRecipe, config: dict | None) -> list[Problem]:
         msg = text_source_problem(cal.dataset, base_dir=loaded.path.parent, split=cal.split)
         if msg:
             problems.append(loaded.problem(("calibration", "dataset"), msg))
+    if recipe.evals.tasks:
+        from evals.tasks import problems as task_problems
+
+        for i, msg in task_problems(recipe.evals.tasks, loaded.path.parent):
+            problems.append(loaded.problem(("evals", "tasks") + ((i,) if i is not None else ()), msg))
     limit = _max_positions(config)
     if limit:
         if cal is not None and cal.seq_len > limit:

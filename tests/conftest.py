@@ -59,6 +59,8 @@ evals:
   context: 256
   max_windows: 6
   speed: {{prompt_lengths: [32], decode_tokens: 4, warmup: 0, min_iterations: 1, min_seconds: 0}}
+  tasks: [kjv_word4]
+  task_limit: 40
 gates: {{max_perplexity_increase_pct: 10.0, max_kl_divergence: 0.1}}
 """
 

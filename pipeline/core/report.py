@@ -97,6 +97,8 @@ class TaskScore(Loose):
     stderr: float | None = None
     samples: int | None = None
     delta: float | None = None  # value - the source's value (absolute)
+    delta_stderr: float | None = None  # paired: over the same items as the source
+    flipped: int | None = None  # items whose correctness differs from the source's
     recovery_pct: float | None = None  # 100 * value / the source's value
 
 

@@ -144,6 +144,11 @@ def test_real_model_formats_differ_and_the_gates_reject_what_they_should(smollm2
     assert 0 < m8.kl_mean < m3.kl_mean and m8.delta_ppl_pct < m3.delta_ppl_pct
     assert q8.gates.passed is True and q3.gates.passed is False
     assert rep.recommendations["cpu"].artifact == "gguf-Q8_0"
+    # Task accuracy on the same 40 items: the real model is far above chance (25 %), and the
+    # deltas come with paired standard errors.
+    word4 = rep.baseline["cpu"].tasks["kjv_word4"]
+    assert word4.samples == 40 and word4.value > 0.5
+    assert q3.evals["cpu"].tasks["kjv_word4"].delta_stderr is not None
     convert = next(s for s in rep.stages if s.name == "gguf/convert")
     assert convert.status == "built"
     # The converter recognised SmolLM's tokenizer (no override needed) and kept its merges.
