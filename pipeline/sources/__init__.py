@@ -74,6 +74,11 @@ def peek_source_config(loaded: LoadedRecipe) -> dict | None:
         name = _builtin_name(loaded)
         if name in builtin.PACKAGED:
             return gguf.read_info(builtin.PACKAGED[name].locate())["config"]
+        if name in builtin.RANDOM:
+            from pipeline.sources import random_init
+
+            builtin.SMOLLM2.locate()  # its tokenizer is used: the package must be there
+            return random_init.SHAPES[name].config(random_init.VOCAB_SIZE)
         return builtin.tiny_config(name)
     if kind == "gguf":
         return gguf.read_info(loaded.resolve(src.model))["config"]
@@ -94,6 +99,8 @@ def source_stage(loaded: LoadedRecipe) -> Stage:
             return gguf.gguf_stage(pkg.locate(), src.dtype, label=f"builtin:{name}", expect_sha256=pkg.sha256,
                                    lineage={"package": pkg.requirement, "model": pkg.model, "license": pkg.license,
                                             "upstream": pkg.hub_id})
+        if name in builtin.RANDOM:
+            return _random_stage(name, src.dtype)
         return _tiny_stage(name)
     if kind == "gguf":
         path = loaded.resolve(src.model)
@@ -103,6 +110,31 @@ def source_stage(loaded: LoadedRecipe) -> Stage:
     if not hub.is_hub_id(src.model):
         raise InvalidInput(f"{src.model!r} is neither builtin:<name>, an existing folder or .gguf file, nor a hub id org/name")
     return hub.hub_stage(src.model, src.revision, src.allow_pickle)
+
+
+def _random_stage(name: str, dtype: str) -> Stage:
+    from dataclasses import asdict
+
+    from pipeline.sources import builtin, random_init
+
+    tokenizer = builtin.SMOLLM2.locate()
+    return Stage(
+        name="source",
+        kind="source-random",
+        version="1",
+        params={"name": name, "shape": asdict(random_init.SHAPES[name]), "seed": random_init.SEED, "dtype": dtype,
+                "tokenizer_gguf_sha256": builtin.SMOLLM2.sha256},
+        tools=tool_versions("torch", "transformers", "tokenizers"),
+        run=lambda ctx: _build_random(ctx, name, dtype, tokenizer),
+        description=f"random {name} weights (cost measurements only) in {dtype}",
+    )
+
+
+def _build_random(ctx: StageContext, name: str, dtype: str, tokenizer: Path) -> dict:
+    from pipeline.sources import random_init
+
+    facts = random_init.build(ctx.out_dir, name, dtype, tokenizer, ctx.log)
+    return {**facts, "fingerprint": fingerprint_dir(ctx.out_dir), "lineage": {"format": "random", "name": name}}
 
 
 def _tiny_stage(variant: str) -> Stage:

@@ -7,6 +7,8 @@
   model is byte-identical on every machine and needs no model hub.
 * ``tiny-llama``, ``tiny-llama-mini``: small Llamas trained here from the shipped
   public-domain corpus (:mod:`pipeline.sources.tiny`), for fast tests.
+* ``random-llama-1b``, ``random-llama-8b``: random weights in real shapes
+  (:mod:`pipeline.sources.random_init`), for measuring build cost as models grow.
 """
 
 from __future__ import annotations
@@ -62,14 +64,15 @@ SMOLLM2 = PackagedGguf(
 )
 PACKAGED: dict[str, PackagedGguf] = {"smollm2-135m": SMOLLM2}
 TRAINED = ("tiny-llama", "tiny-llama-mini")
+RANDOM = ("random-llama-1b", "random-llama-8b")
 
 
 def names() -> list[str]:
-    return [*PACKAGED, *TRAINED]
+    return [*PACKAGED, *TRAINED, *RANDOM]
 
 
 def resolve(name: str) -> str:
-    if name in PACKAGED or name in TRAINED:
+    if name in names():
         return name
     close = difflib.get_close_matches(name, names(), n=1)
     hint = f" (did you mean 'builtin:{close[0]}'?)" if close else ""

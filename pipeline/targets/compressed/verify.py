@@ -101,16 +101,19 @@ def forward_ids(folder: Path, calibration: Path | None):
 
 def load_model(folder: Path):
     """Reload with transformers, decompressing to dense weights (no CPU int4/FP8 kernels)."""
+    import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=CompressedTensorsConfig(dequantize=True))
+    # On a GPU the forward check takes seconds even for an 8B model; on a CPU it runs there.
+    device = "cuda" if torch.cuda.is_available() else None
+    return AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=CompressedTensorsConfig(dequantize=True), device_map=device)
 
 
 def check_forward(model, ids, failures: list[str]) -> dict:
     import torch
 
     with torch.no_grad():
-        logits = model(ids).logits
+        logits = model(ids.to(model.device)).logits
     finite = bool(torch.isfinite(logits).all())
     if not finite:
         failures.append("the reloaded model's logits are not finite")

@@ -85,6 +85,11 @@ def backend() -> str:
     return _tools_version_file().get("backend", "cpu")
 
 
+def offload_args() -> list[str]:
+    """Tool arguments that put every layer on the GPU when this is a CUDA build (else none)."""
+    return ["-ngl", "999"] if backend().startswith("cuda") else []
+
+
 def binding():
     """The llama_cpp module, bound to the libraries of :func:`tools_dir` (imported on first use)."""
     if binding_version() is None:
@@ -224,7 +229,8 @@ def _cmd_tokenize(path: str, text_file: str) -> dict:
 
 def _cmd_decode(path: str, prompt: str, n_tokens: str) -> dict:
     n = int(n_tokens)
-    llm = _load(path, n_threads=1, n_threads_batch=1, n_ctx=256, seed=0)
+    gpu = -1 if backend().startswith("cuda") else 0
+    llm = _load(path, n_threads=1, n_threads_batch=1, n_ctx=256, seed=0, n_gpu_layers=gpu)
     prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
     ids: list[int] = []
     # top_k=1 is greedy: the highest logit wins, no randomness.

