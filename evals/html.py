@@ -36,6 +36,14 @@ def _num(v, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
+def _small(v, fmt: str) -> str:
+    """Like _num, but a nonzero value that `fmt` would print as zero keeps 2 significant digits
+    (below 1e-8 it is rounding noise: the source against itself)."""
+    if v is not None and abs(v) >= 1e-8 and float(format(v, fmt)) == 0:
+        return format(v, ".1e")
+    return _num(v, fmt)
+
+
 def _size(n) -> str:
     return "" if not n else f"{n / 2**20:,.1f} MiB"
 
@@ -48,8 +56,8 @@ def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str]) -> str
         f"<td>{_size(m.size_bytes)}</td>",
         f"<td>{_num(m.perplexity, '.3f')}</td>",
         f"<td>{_num(m.delta_ppl_pct, '+.2f')}</td>",
-        f"<td>{_num(m.kl_mean, '.4f')}</td>",
-        f"<td>{_num(m.kl_p99, '.3f')}</td>",
+        f"<td>{_small(m.kl_mean, '.4f')}</td>",
+        f"<td>{_small(m.kl_p99, '.3f')}</td>",
         f"<td>{_num(m.top1_agreement_pct, '.1f')}</td>",
         *[f"<td>{_num(ev.tasks[t].value * 100, '.1f') + (' ± ' + _num(ev.tasks[t].stderr * 100, '.1f') if ev.tasks[t].stderr else '') if t in ev.tasks else ''}</td>" for t in tasks],
         f"<td>{_num(m.prefill_tps, ',.0f')}</td>",

@@ -31,7 +31,7 @@ from pathlib import Path
 from pipeline.core.report import EvalEntry, Report
 
 #: bump when the drawing changes, so cached PNGs are drawn again
-PLOT_VERSION = "2"
+PLOT_VERSION = "3"
 PREFIX = "plots-"
 #: file names of the one-figure-per-metric plots of quantforge <= 0.2 (removed when found)
 LEGACY = ("quality_vs_size.png", "kld_vs_size.png", "decode_vs_size.png")
@@ -245,8 +245,8 @@ def place_labels(ax, points: list[tuple[float, float, str, bool]], renderer) -> 
 
 
 # ------------------------------------------------------------------ drawing
-def draw_device(report: Report, device: str, out: Path) -> Path | None:
-    """One device's figure (None when nothing was measured there)."""
+def figure(report: Report, device: str):
+    """One device's matplotlib Figure (None when nothing was measured there); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,7 +288,8 @@ def draw_device(report: Report, device: str, out: Path) -> Path | None:
         ax.grid(True, alpha=0.3)
         ax.set_ylabel(pan.ylabel, fontsize=9)
         ys = [p.value for p in pan.points] + ([pan.gate] if pan.gate is not None else [])
-        ylo, yhi = min(ys + [0.0]), max(ys)
+        # Zero is the source's value for perplexity increase and KL, and a floor for speed; recovery sits near 100 %.
+        ylo, yhi = min(ys + ([] if pan.metric == "task_recovery_pct" else [0.0])), max(ys)
         span = (yhi - ylo) or max(abs(yhi), 1.0)
         ax.set_ylim(ylo - 0.12 * span, yhi + 0.18 * span)
         if pan.gate is not None:
@@ -334,9 +335,21 @@ def draw_device(report: Report, device: str, out: Path) -> Path | None:
 
         fig.text(0.72, 0.6 / fig_h, textwrap.fill(("Ship " + rec.artifact + ": " if rec.artifact else "") + rec.reason, 44),
                  fontsize=8, color=grey, va="bottom")
+    return fig
+
+
+def draw_device(report: Report, device: str, out: Path) -> Path | None:
+    """Write one device's figure to `out` (atomically); None when nothing was measured there."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report, device)
+    if fig is None:
+        return None
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     tmp.replace(out)
     return out
 

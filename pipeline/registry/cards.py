@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.core.report import ArtifactReport, EvalEntry, Metrics, Report
 from pipeline.registry.promotion import CANDIDATE_ALIAS, gate_word, recommended_alias
+from pipeline.targets.cards import serve_commands  # noqa: F401 - shared with the build-time model cards
 
 SIGNIFICANT = 5  # digits kept in metric values (a perplexity of 140.88280336464317 reads 140.88)
 
@@ -101,36 +102,6 @@ def build_note(report: Report) -> str:
                                                          if rec.artifact else rec.reason) + "."]
         lines.append("\n".join(block))
     return "\n\n".join(lines)[:7900]
-
-
-def serve_commands(kind: str, gguf_file: str | None, model: str, folder: str = "DIR") -> list[str]:
-    """Commands that serve this artifact, one per runtime that loads its format."""
-    from pipeline.targets import artifact_format
-
-    fmt = artifact_format(kind)
-    runtimes = fmt.serves_with if fmt else ()
-    modelopt = kind.startswith("tensorrt")
-    gguf = f"{folder}/{gguf_file}" if gguf_file else f"{folder}/*.gguf"
-    out = []
-    for rt in runtimes:
-        if rt == "vllm":
-            out.append(f"vllm serve {folder}" + (" --quantization modelopt" if modelopt else ""))
-        elif rt == "sglang":
-            out.append(f"python -m sglang.launch_server --model-path {folder}" + (" --quantization modelopt" if modelopt else ""))
-        elif rt == "transformers":
-            out.append(f"python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('{folder}')\""
-                       "   # decompresses to dense weights")
-        elif rt == "llama.cpp":
-            out.append(f"llama-server -m {gguf}")
-        elif rt == "ollama":
-            out.append(f"ollama create {model.lower()} -f {folder}/Modelfile && ollama run {model.lower()}")
-        elif rt == "lm-studio":
-            out.append(f"lms import {gguf}")
-        elif rt == "tensorrt-llm":
-            # An engine folder (with the tokenizer beside it) runs on TensorRT-LLM 1.x's TensorRT
-            # backend; a ModelOpt checkpoint on its default PyTorch backend.
-            out.append(f"trtllm-serve {folder} --backend tensorrt --tokenizer {folder}" if kind == "tensorrt-engine" else f"trtllm-serve {folder}")
-    return out
 
 
 def version_description(report: Report, a: ArtifactReport, model: str, version: str, tracking_uri: str,

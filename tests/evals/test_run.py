@@ -204,5 +204,4 @@ def test_tables_and_plots(evaluated):
     text = console.export_text()
     assert "noisy" in text and "copy" in text and "failed" in text and "h100: pending" in text
     out = evaluated["rpath"].parent
-    assert (out / "quality_vs_size.png").stat().st_size > 1000
-    assert (out / "decode_vs_size.png").stat().st_size > 1000
+    assert (out / "plots-cpu.png").stat().st_size > 1000 and not (out / "plots-h100.png").exists()  # h100 pending: no figure

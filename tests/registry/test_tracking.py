@@ -69,7 +69,7 @@ def test_serve_commands_follow_the_formats_declared_runtimes():
         "vllm serve DIR", "python -m sglang.launch_server --model-path DIR",
         "python -c \"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('DIR')\"   # decompresses to dense weights"]
     assert serve_commands("tensorrt-checkpoint", None, "demo-trt-fp8") == [
-        "trtllm-serve DIR", "vllm serve DIR --quantization modelopt", "python -m sglang.launch_server --model-path DIR --quantization modelopt"]
+        "trtllm-serve DIR --backend pytorch", "vllm serve DIR --quantization modelopt", "python -m sglang.launch_server --model-path DIR --quantization modelopt"]
     assert serve_commands("gguf", "demo-Q4_K_M.gguf", "demo-gguf-Q4_K_M") == [
         "llama-server -m DIR/demo-Q4_K_M.gguf", "ollama create demo-gguf-q4_k_m -f DIR/Modelfile && ollama run demo-gguf-q4_k_m",
         "lms import DIR/demo-Q4_K_M.gguf"]

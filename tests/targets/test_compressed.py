@@ -86,7 +86,7 @@ def perplexity(model_dir: Path, ids) -> float:
     ("fp8-dyn/quantize", "float-quantized", "float8_e4m3fn"),
     ("fp8-static/quantize", "float-quantized", "float8_e4m3fn"),
 ])
-def test_target_builds_a_verified_checkpoint(built, stage, fmt, stored):
+def test_target_builds_a_verified_checkpoint(built, stage, fmt, stored, mini_model):
     out = built[stage].output
     result = out.result
     assert result["verification"]["ok"], result["verification"]["failures"]
@@ -97,7 +97,11 @@ def test_target_builds_a_verified_checkpoint(built, stage, fmt, stored):
     for f in ("config.json", "recipe.yaml", "README.md", "tokenizer.json", "generation_config.json"):
         assert (out.path / f).is_file(), f
     card = (out.path / "README.md").read_text()
-    assert "## Evaluation" in card and "vLLM" in card and "SGLang" in card
+    # What was built from what (the source by name, never a local path), and how to get and serve it.
+    assert card.count("# builtin:tiny-llama-mini: ") == 1 and "## Source" in card
+    assert "mlflow artifacts download --artifact-uri models:/MODEL@production -d DIR" in card
+    assert "vllm serve DIR\n" in card and "python -m sglang.launch_server --model-path DIR\n" in card
+    assert "Filled in" not in card and "## Evaluation" not in card and str(Path(mini_model).parent) not in card
     assert built[stage].stage.artifact.format.startswith(f"compressed-tensors {fmt}")
 
 

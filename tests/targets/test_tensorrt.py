@@ -178,7 +178,12 @@ def test_fp8_checkpoint_verified(fp8_checkpoint, mini_model):
     # Quality is the evals' call; the build only bounds breakage (and records what it saw).
     assert v["perplexity_dequantized"] < MAX_PPL_RATIO * v["perplexity_source"]
     assert v["perplexity_increase_pct"] == pytest.approx(100 * (v["perplexity_dequantized"] / v["perplexity_source"] - 1), abs=1e-2)
-    assert (out / "tokenizer.json").is_file() and "quantization=\"modelopt\"" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert (out / "tokenizer.json").is_file() and "quantization=\"modelopt\"" in card
+    # Titled by the source model's name, no local path; serve commands for each runtime that loads it.
+    assert card.startswith("# builtin:tiny-llama-mini: NVIDIA ModelOpt FP8 checkpoint") and str(Path(mini_model).parent) not in card
+    assert "trtllm-serve DIR --backend pytorch\n" in card and "vllm serve DIR --quantization modelopt\n" in card
+    assert "python -m sglang.launch_server --model-path DIR --quantization modelopt\n" in card
     print("fp8", json.dumps(v))
 
 

@@ -26,7 +26,7 @@ from pipeline.targets.compressed import AwqTarget, Fp8Target, GptqTarget
 from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 
 # Bump when the same inputs would give a different output (e.g. a changed card or layout).
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"
 TOOLS = ("transformers", "llmcompressor", "compressed-tensors", "torch")
 RUNTIMES = ("vllm", "sglang", "transformers")
 TARGET_CLASSES = {"gptq": GptqTarget, "awq": AwqTarget, "fp8": Fp8Target}
@@ -350,32 +350,44 @@ def save_artifact(model, source_dir: Path, out_dir: Path) -> None:
         raise StageFailed(f"llm-compressor did not write recipe.yaml into {out_dir}")
 
 
-def source_identity(source) -> dict[str, str | None]:
-    """Model id and revision of the source stage, for the card (best effort: keys the source stage reports)."""
-    result = source.result if source is not None else {}
-    params = source.manifest.get("params", {}) if source is not None else {}
-    builtin = f"builtin:{params['variant']}" if "variant" in params else None
-    return {
-        "model": result.get("model") or params.get("model") or builtin or params.get("path") or str(source.model_dir if source else ""),
-        "revision": result.get("revision") or result.get("commit") or params.get("commit"),
-    }
+def source_identity(source):
+    """The source model's name and exact revision for the card (pipeline.targets.cards: no local paths)."""
+    from pipeline.targets.cards import source_identity as identity
+
+    return identity(source)
 
 
-def model_card(target, model_class: str, dtype: str, source: dict, quant_config: dict) -> str:
-    """README.md: what this is, how it was made, what loads it; Evaluation is filled in later."""
+def model_card(target, model_class: str, dtype: str, source, quant_config: dict) -> str:
+    """README.md: what was built from what, and how to download and serve it.
+
+    ``source``: a :class:`pipeline.targets.cards.SourceIdentity` (or a dict with ``model``
+    and ``revision``). Measured results are not here: they belong to a recipe's evaluation
+    (the registry's version description and report.html), this folder to every recipe that
+    builds the same thing.
+    """
+    from pipeline.targets.cards import SourceIdentity, usage_sections
+
+    if isinstance(source, dict):
+        source = SourceIdentity(name=str(source.get("model") or "?"),
+                                revision=f"revision `{source['revision']}`" if source.get("revision") else "revision not recorded")
     params = target.model_dump(mode="json", exclude={"name", "gates", "kind"})
     fmt = quant_config.get("format", storage_format(target))
-    rev = source.get("revision") or "unknown"
+    label = scheme_label(target)
+    title = label if label.upper().startswith(target.kind.upper()) else f"{target.kind.upper()} {label}"  # "FP8 dynamic", "GPTQ W4A16, group 64"
     lines = [
         "---",
         "library_name: transformers",
         "tags: [compressed-tensors, llm-compressor, quantforge, " + target.kind + "]",
+        *([f"base_model: {source.upstream}"] if source.upstream else []),
         "---",
-        f"# {target.kind.upper()} {scheme_label(target)}",
+        f"# {source.name}: {title}",
         "",
         f"A [compressed-tensors](https://github.com/neuralmagic/compressed-tensors) checkpoint (`{fmt}`) "
-        f"of `{source.get('model')}` (revision `{rev}`, {model_class}, quantized from {dtype}), "
-        "made with [llm-compressor](https://github.com/vllm-project/llm-compressor) by quantforge.",
+        f"of {source.sentence()}, a {model_class} quantized from {dtype} "
+        "with [llm-compressor](https://github.com/vllm-project/llm-compressor) by quantforge.",
+        "",
+        "## Source",
+        *source.lines(),
         "",
         "## Quantization",
         f"- method: {target.kind}",
@@ -386,17 +398,10 @@ def model_card(target, model_class: str, dtype: str, source: dict, quant_config:
         *[f"  - `{k}`: `{json.dumps(v)}`" for k, v in params.items()],
         "- the llm-compressor recipe that ran: `recipe.yaml`",
         "",
-        "## Runtimes",
-        "- **vLLM** and **SGLang** load this folder natively (quantized kernels on supported GPUs): "
-        "`vllm serve <this folder>`.",
-        "- **transformers** loads it by decompressing to dense weights "
-        "(`AutoModelForCausalLM.from_pretrained(path)`; pass "
-        "`quantization_config=CompressedTensorsConfig(dequantize=True)` to be explicit): "
-        "accuracy is the quantized model's, speed and memory are not.",
-        "",
-        "## Evaluation",
-        "",
-        "_Filled in by quantforge's eval stage._",
+        *usage_sections(target.kind, model=target.name, notes=[
+            "vLLM and SGLang run the quantized kernels on GPUs that have them. transformers loads the folder by "
+            "decompressing it to dense weights (pass `quantization_config=CompressedTensorsConfig(dequantize=True)` "
+            "to `from_pretrained` to be explicit): its accuracy is the quantized model's, its speed and memory are not."]),
         "",
     ]
     return "\n".join(lines)

@@ -40,7 +40,7 @@ from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 from pipeline.errors import StageFailed
 from pipeline.targets.gguf import IMATRIX_UNUSED
 
-VERSIONS = {"convert": "1", "imatrix": "1", "quantize": "1"}
+VERSIONS = {"convert": "1", "imatrix": "1", "quantize": "2"}
 RUNTIMES = ("llama.cpp", "ollama", "lm-studio")
 BASE_FILE = "base.gguf"
 IMATRIX_FILE = "imatrix.gguf"

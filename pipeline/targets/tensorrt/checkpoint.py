@@ -347,28 +347,45 @@ def copy_tokenizer(source_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
-def write_model_card(out_dir: Path, *, quant: str, kv_cache_quant: str | None, source: str, facts: dict) -> None:
+def write_model_card(out_dir: Path, *, quant: str, kv_cache_quant: str | None, source, facts: dict) -> None:
+    """README.md: what was built from what, which runtimes load it and how, what the build verified.
+
+    ``source``: the source model's folder (or the source stage's output); the card names the
+    model and its exact revision from the source stage's lineage (pipeline.targets.cards),
+    never a local path.
+    """
+    from pipeline.targets.cards import source_identity, usage_sections
+
+    ident = source_identity(source)
     _, hf_quant = read_quant_config(out_dir)
     q = hf_quant.get("quantization", {})
+    algo = q.get("quant_algo")
+    served_by_vllm = algo in ("FP8", "NVFP4")
     lines = [
-        f"# {Path(source).name} — NVIDIA ModelOpt {q.get('quant_algo')} checkpoint",
+        f"# {ident.name}: NVIDIA ModelOpt {algo} checkpoint",
         "",
-        f"Quantized from `{source}` with NVIDIA ModelOpt ({facts.get('modelopt_config')}) by quantforge,",
-        f"calibrated on {facts.get('calibration_shape')} tokens (samples x length).",
-        f"quant_algo: {q.get('quant_algo')}, kv_cache_quant_algo: {q.get('kv_cache_quant_algo')}"
-        + (f", group_size: {q.get('group_size')}" if q.get("group_size") else "")
-        + f", excluded: {', '.join(q.get('exclude_modules', []))}.",
+        f"A Hugging Face-layout checkpoint of {ident.sentence()} quantized with NVIDIA ModelOpt "
+        f"({facts.get('modelopt_config')}) by quantforge, calibrated on {facts.get('calibration_shape')} tokens (samples x length).",
         "",
-        "## Which runtimes load it",
-        "- TensorRT-LLM (PyTorch backend): `from tensorrt_llm import LLM; LLM(model=\"<this folder>\")`",
-        "  (its ModelLoader reads hf_quant_config.json as a pre-quantized checkpoint)",
-        "- vLLM: `LLM(model=\"<this folder>\", quantization=\"modelopt\")`",
-        "- SGLang: `--quantization modelopt`",
-        "- Not plain transformers: it has no `modelopt` quantization method; it would load FP8",
-        "  weights without their scales (wrong outputs) and refuses INT4/NVFP4.",
+        "## Source",
+        *ident.lines(),
         "",
-        "Native kernels: FP8 needs compute capability >= 8.9, NVFP4 a Blackwell GPU (>= 10.0),",
-        "INT4-AWQ (W4A16) runs on Ampere and newer.",
+        "## Quantization",
+        f"- quant_algo: {algo}, kv_cache_quant_algo: {q.get('kv_cache_quant_algo')}"
+        + (f", group_size: {q.get('group_size')}" if q.get("group_size") else ""),
+        f"- excluded: {', '.join(q.get('exclude_modules', [])) or 'nothing'}",
+        "- `hf_quant_config.json` names the format; runtimes read it to load the weights pre-quantized",
+        "",
+        *usage_sections("tensorrt-checkpoint", model=ident.name, quant_algo=algo, notes=[
+            "From Python: TensorRT-LLM `from tensorrt_llm import LLM; LLM(model=\"DIR\")` (PyTorch backend)"
+            + ("; vLLM `LLM(model=\"DIR\", quantization=\"" + ("modelopt" if algo == "FP8" else "modelopt_fp4") + "\")`" if served_by_vllm else "")
+            + ".",
+            "",
+            *([] if served_by_vllm else [f"vLLM and SGLang do not list ModelOpt {algo} among the formats they load: serve it with TensorRT-LLM.", ""]),
+            "Not plain transformers: it has no `modelopt` quantization method; it would load FP8 weights without their "
+            "scales (wrong outputs) and refuses INT4/NVFP4.",
+            "",
+            "Native kernels: FP8 needs compute capability >= 8.9, NVFP4 a Blackwell GPU (>= 10.0), INT4-AWQ (W4A16) runs on Ampere and newer."]),
         "",
         "## Verification (run by quantforge before this folder was published)",
         "```json",

@@ -41,8 +41,8 @@ from pathlib import Path
 from pipeline.errors import InvalidInput, StageFailed
 from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 
-CHECKPOINT_VERSION = "1"
-TRTLLM_CHECKPOINT_VERSION = "1"
+CHECKPOINT_VERSION = "2"
+TRTLLM_CHECKPOINT_VERSION = "2"
 ENGINE_VERSION = "1"
 MODELOPT_TOOLS = ("nvidia-modelopt", "torch", "transformers", "safetensors")
 TRTLLM_PIN = "tensorrt-llm==1.2.1"
