@@ -18,7 +18,7 @@ QF := $(BIN)/quantforge
 TARGET_FLAGS := $(foreach t,$(TARGETS),--target $(t))
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test validate plan build eval register run ui mlflow-server mlflow-server-stop bench ci-local clean
+.PHONY: help setup demo test validate plan build eval register report run ui mlflow-server mlflow-server-stop bench ci-local clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ eval: setup ## Evaluate RECIPE's artifacts on DEVICE
 
 register: setup ## Register RECIPE's report in MLflow
 	$(QF) register $(RECIPE) --artifacts-dir $(ARTIFACTS)
+
+report: setup ## Print RECIPE's results table again (from report.json)
+	$(QF) report $(RECIPE) --artifacts-dir $(ARTIFACTS)
 
 run: setup ## Build, evaluate and register RECIPE
 	$(QF) run $(RECIPE) --artifacts-dir $(ARTIFACTS) --device $(DEVICE)

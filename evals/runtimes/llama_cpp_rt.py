@@ -34,16 +34,12 @@ def gguf_file(path: Path) -> Path:
 def gguf_weight_bytes(file: Path) -> tuple[int, int]:
     """(bytes of all tensors, bytes read per generated token: all but the token-embedding table,
     of which one row is read, unless it doubles as the output matrix)."""
-    from gguf import GGUFReader
+    from pipeline.targets.gguf.header import read_header
 
-    reader = GGUFReader(str(file))
-    total, emb, has_output = 0, 0, False
-    for t in reader.tensors:
-        total += int(t.n_bytes)
-        if t.name == "token_embd.weight":
-            emb = int(t.n_bytes)
-        if t.name == "output.weight":
-            has_output = True
+    tensors = read_header(file).tensors
+    total = sum(t.n_bytes for t in tensors)
+    emb = next((t.n_bytes for t in tensors if t.name == "token_embd.weight"), 0)
+    has_output = any(t.name == "output.weight" for t in tensors)
     return total, total - (emb if has_output else 0)
 
 

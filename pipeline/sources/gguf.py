@@ -38,6 +38,7 @@ import json
 import struct
 import sys
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -56,24 +57,28 @@ GENERAL_SKIP = {"general.architecture", "general.type", "general.file_type", "ge
 
 
 # ------------------------------------------------------------------ reading
-def precheck(path: Path) -> None:
-    """Refuse, before any heavy work, what is not a complete GGUF file (InvalidInput naming the file)."""
+def precheck(path: Path):
+    """Refuse, before any heavy work, what is not a complete GGUF file (InvalidInput naming the file);
+    return its header."""
+    from pipeline.targets.gguf.header import HeaderError, read_header
+
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"GGUF file not found: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8 or head[:4] != GGUF_MAGIC:
-        raise InvalidInput(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'): point source.model at a .gguf file or a Hugging Face folder")
-    version = struct.unpack("<I", head[4:8])[0]
-    if version not in (2, 3):
-        raise InvalidInput(f"{path}: GGUF version {version} is not one this gguf library reads (2 or 3)")
-    reader = _reader(path)
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise InvalidInput(f"{path} is truncated: tensor {t.name} ends at byte {end}, the file has {size}; download it again")
+    try:
+        header = read_header(path)
+    except HeaderError as exc:
+        msg = str(exc)
+        if msg.startswith("not a GGUF file"):
+            raise InvalidInput(f"{path} is {msg}: point source.model at a .gguf file or a Hugging Face folder") from None
+        raise InvalidInput(f"{path}: {msg}; the file is truncated or corrupt: download it again") from None
+    except OSError as exc:
+        raise InvalidInput(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    bad = header.truncated()
+    if bad is not None:
+        raise InvalidInput(f"{path} is truncated: tensor {bad.name} ends at byte {bad.offset + bad.n_bytes}, the file has "
+                           f"{header.file_size}; download it again")
+    return header
 
 
 def _reader(path: Path):
@@ -91,6 +96,16 @@ def _get(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
 def supported_architectures() -> set[str]:
     """GGUF architectures transformers can dequantize (its GGUF config mapping; no torch import)."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
@@ -103,31 +118,32 @@ def read_info(path: Path) -> dict[str, Any]:
     types, whether its weights are quantized. InvalidInput for what transformers cannot load."""
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    precheck(path)
-    reader = _reader(path)
-    arch = _get(reader, "general.architecture")
+    header = precheck(path)
+    meta = header.metadata
+    arch = meta.get("general.architecture")
     if arch not in supported_architectures():
         raise InvalidInput(f"{path}: GGUF architecture {arch!r} cannot be dequantized by transformers "
                            f"(it reads: {', '.join(sorted(supported_architectures()))}); use a Hugging Face folder of this model instead")
     config: dict[str, Any] = {"model_type": arch}
     for gguf_key, hf_key in GGUF_CONFIG_MAPPING[arch].items():
-        value = _get(reader, f"{arch}.{gguf_key}")
-        if value is not None and hf_key:
+        value = meta.get(f"{arch}.{gguf_key}")
+        if value is not None and hf_key and not isinstance(value, dict):
             config[hf_key] = value
-    tokens = _get(reader, "tokenizer.ggml.tokens")
-    if tokens is not None:
-        config.setdefault("vocab_size", len(tokens))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, dict):
+        config.setdefault("vocab_size", tokens["length"])
     config["architectures"] = [f"{arch.capitalize()}ForCausalLM"]
-    types = Counter(t.tensor_type.name for t in reader.tensors)
+    types = Counter(t.type_name for t in header.tensors)
+    merges = meta.get("tokenizer.ggml.merges")
     return {
         "architecture": arch,
         "config": config,
         "tensor_types": dict(sorted(types.items())),
         "quantized": any(t not in FLOAT_TYPES for t in types),
-        "name": _get(reader, "general.name"),
-        "license": _get(reader, "general.license"),
-        "tokenizer": {"model": _get(reader, "tokenizer.ggml.model"), "pre": _get(reader, "tokenizer.ggml.pre"),
-                      "merges": len(_get(reader, "tokenizer.ggml.merges") or [])},
+        "name": meta.get("general.name"),
+        "license": meta.get("general.license"),
+        "tokenizer": {"model": meta.get("tokenizer.ggml.model"), "pre": meta.get("tokenizer.ggml.pre"),
+                      "merges": merges["length"] if isinstance(merges, dict) else 0},
     }
 
 
@@ -136,7 +152,7 @@ def gguf_stage(path: Path, dtype: str, *, label: str, lineage: dict[str, Any] | 
                expect_sha256: str | None = None) -> Stage:
     """The source stage for a GGUF file: keyed by its sha256 (wherever it lies) and the dtype."""
     info = read_info(path)
-    sha = sha256_file(path)
+    sha = _sha256(path)
     if expect_sha256 and sha != expect_sha256:
         raise InvalidInput(f"{path} has sha256 {sha[:16]}..., expected {expect_sha256[:16]}...: the file changed or is not the "
                            "pinned one; reinstall it (`make setup`)")

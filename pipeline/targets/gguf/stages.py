@@ -396,23 +396,14 @@ def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bo
 # ================================================================== shared helpers
 def read_gguf(path: Path) -> dict:
     """Metadata (scalars and strings; arrays summarized) and tensor-type counts of a GGUF file."""
-    import gguf
+    from pipeline.targets.gguf.header import file_type_name, read_header
 
-    reader = gguf.GGUFReader(str(path))
-    metadata: dict[str, Any] = {}
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
-            metadata[name] = f"<array of {len(f.data)}>"
-        else:
-            metadata[name] = _field_value(f)
+    header = read_header(path)
+    metadata: dict[str, Any] = {k: (f"<array of {v['length']}>" if isinstance(v, dict) else v) for k, v in header.metadata.items()}
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    ftype = metadata.get("general.file_type")
-    name = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_") if ftype is not None else None
-    return {"metadata": metadata, "tensor_types": dict(sorted(counts.items())), "file_type": name}
+    for t in header.tensors:
+        counts[t.type_name] = counts.get(t.type_name, 0) + 1
+    return {"metadata": metadata, "tensor_types": dict(sorted(counts.items())), "file_type": file_type_name(header.metadata)}
 
 
 def _field_value(f):
