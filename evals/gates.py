@@ -89,3 +89,23 @@ def failed_checks(gates: GateResult | None) -> list[str]:
 
 def required_devices(recipe) -> list[str]:
     return list(recipe.gates.required_devices or recipe.evals.devices)
+
+
+def judge(report, recipe) -> None:
+    """Gates of every built artifact and the recommendation of every evaluated device, from the
+    report's per-device results (in place). The one place both are decided: the eval job calls it,
+    and registration calls it again on a report merged from several devices' jobs."""
+    from evals.recommend import recommend
+
+    def spec_for(target: str):
+        try:
+            return recipe.gates_for(target)
+        except KeyError:  # an artifact of a target since removed from the recipe
+            return recipe.gates
+
+    required = required_devices(recipe)
+    for a in report.built():
+        a.gates = evaluate_gates(spec_for(a.target), required, a.evals)
+    for device, info in report.devices.items():
+        if info.status == "done":
+            report.recommendations[device] = recommend(report, device, recipe.gates.recommend, spec_for)

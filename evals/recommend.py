@@ -34,7 +34,12 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda n: points[n])
 
 
-def recommend(report: Report, device: str, criterion: str = "smallest") -> Recommendation:
+def recommend(report: Report, device: str, criterion: str = "smallest", spec_for=None) -> Recommendation:
+    """`spec_for(target)` gives an artifact's gate thresholds (the recipe's with its overrides);
+    an artifact is a candidate on `device` when every check passes on that device's results,
+    whether or not the recipe requires that device for promotion."""
+    from evals.gates import evaluate_gates
+
     points: dict[str, tuple[float, float]] = {}
     base = report.baseline.get(device)
     if base is not None and base.status == "done":
@@ -51,7 +56,10 @@ def recommend(report: Report, device: str, criterion: str = "smallest") -> Recom
         if c is None or m.kl_mean is None:
             continue
         points[a.name] = (c, m.kl_mean)
-        passed_here = a.gates is not None and a.gates.per_device().get(device) is True
+        if spec_for is not None:
+            passed_here = evaluate_gates(spec_for(a.target), [device], {device: ev}).passed is True
+        else:
+            passed_here = a.gates is not None and a.gates.per_device().get(device) is True
         if passed_here:
             recovery = m.task_recovery_pct if m.task_recovery_pct is not None else 0.0
             candidates.append((c, m.kl_mean, -recovery, a.name))

@@ -147,8 +147,7 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
 def evaluate(loaded: LoadedRecipe, artifacts_dir: Path, device: str = "auto", log: Log = print) -> Report:
     """Evaluate the source and every built artifact on the requested devices; merge into report.json."""
     from evals.devices import resolve_devices
-    from evals.gates import evaluate_gates, required_devices
-    from evals.recommend import recommend
+    from evals.gates import judge
 
     recipe = loaded.recipe
     rpath = report_path(artifacts_dir, recipe.name)
@@ -176,16 +175,7 @@ def evaluate(loaded: LoadedRecipe, artifacts_dir: Path, device: str = "auto", lo
             for a in rep.built():
                 if (a.evals.get(d) or EvalEntry()).status == "pending":
                     a.evals[d] = EvalEntry(status="pending")
-        required = required_devices(recipe)
-        for a in rep.built():
-            try:
-                spec = recipe.gates_for(a.target)
-            except KeyError:  # an artifact of a target since removed from the recipe
-                spec = recipe.gates
-            a.gates = evaluate_gates(spec, required, a.evals)
-        for d, info in rep.devices.items():
-            if info.status == "done":
-                rep.recommendations[d] = recommend(rep, d, recipe.gates.recommend)
+        judge(rep, recipe)
         final = rep.model_copy(deep=True)
     write_views(final, rpath.parent, log)
     return final

@@ -85,7 +85,10 @@ def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, re
             )
         for res in results.values():
             report.tools.update({k: v for k, v in res.stage.tools.items()})
-            record = StageRecord(name=res.stage.name, kind=res.stage.kind, key=res.key, status=res.status, seconds=round(res.seconds, 3), reason=res.reason, target=res.stage.target)
+            record = StageRecord(name=res.stage.name, kind=res.stage.kind, key=res.key, status=res.status, seconds=round(res.seconds, 3),
+                                 built_seconds=res.output.manifest.get("seconds") if res.output else None,
+                                 reason=res.reason, target=res.stage.target,
+                                 log=str(res.log_file) if res.log_file and res.status == "failed" else None)
             report.stages = [s for s in report.stages if s.name != record.name] + [record]
             info = res.stage.artifact
             if info is None:

@@ -137,8 +137,53 @@ def run_register(path: Path, artifacts_dir: Path, tracking_uri: str | None, log:
         rpath = report_path(artifacts_dir, loaded.recipe.name)
     if not rpath.is_file():
         raise InvalidInput(f"{rpath} not found: build (and evaluate) before registering")
+    if _registered_already(rpath, tracking_uri):
+        log(f"register: nothing changed since the last registration of {rpath} into its local store")
+        return EXIT_OK
     register_report(rpath, tracking_uri, log=log)
+    _remember_registration(rpath, tracking_uri)
     return EXIT_OK
+
+
+def _registration_state(rpath: Path, tracking_uri: str | None) -> dict | None:
+    """What a registration into the local SQLite store depends on: the report's content and the store
+    file itself. None for a tracking server (its state is not ours to know: always register)."""
+    import os
+
+    from pipeline.core.report import report_digest
+
+    if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    db = rpath.parent.parent / "mlflow" / "mlflow.db"
+    report = read_report(rpath)
+    if report is None or not db.is_file():
+        return None
+    st = db.stat()
+    return {"report": report_digest(report), "db": str(db.resolve()), "db_size": st.st_size, "db_mtime_ns": st.st_mtime_ns}
+
+
+def _registered_already(rpath: Path, tracking_uri: str | None) -> bool:
+    """An unchanged report into an untouched local store: registering again would change nothing
+    (and importing mlflow alone takes seconds). A server is always asked."""
+    import json
+
+    marker = rpath.parent / ".registered.json"
+    state = _registration_state(rpath, tracking_uri)
+    try:
+        return state is not None and json.loads(marker.read_text()) == state
+    except (OSError, ValueError):
+        return False
+
+
+def _remember_registration(rpath: Path, tracking_uri: str | None) -> None:
+    import json
+
+    state = _registration_state(rpath, tracking_uri)
+    marker = rpath.parent / ".registered.json"
+    if state is None:
+        marker.unlink(missing_ok=True)
+    else:
+        marker.write_text(json.dumps(state))
 
 
 def run_pull(recipe_path: Path, artifacts_dir: Path, tracking_uri: str | None, log: Log) -> int:

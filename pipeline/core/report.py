@@ -228,7 +228,8 @@ class StageRecord(Loose):
     kind: str
     key: str | None = None
     status: Literal["hit", "built", "failed", "skipped"]
-    seconds: float = 0.0
+    seconds: float = 0.0  # this run's (0 for a hit)
+    built_seconds: float | None = None  # what building it took, from its manifest (also for a hit)
     reason: str | None = None
     target: str | None = None
     log: str | None = None

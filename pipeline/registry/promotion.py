@@ -62,17 +62,18 @@ def recipe_of(report: Report):
 def decide(report: Report) -> Report:
     """Gates and recommendations re-decided on the report's (merged) per-device results.
 
-    The same functions the eval job runs (``evals.gates.evaluate_gates``,
-    ``evals.recommend.recommend``), so a report merged from several devices' jobs is
-    judged as if one job had evaluated every device. Returns a new report.
+    The function the eval job runs (``evals.gates.judge``), so a report merged from
+    several devices' jobs is judged as if one job had evaluated every device. Returns a
+    new report.
     """
-    from evals.gates import evaluate_gates, required_devices
-    from evals.recommend import recommend
+    from evals.gates import judge
 
     out = report.model_copy(deep=True)
     recipe = recipe_of(out)
     if recipe is None:
         return out
+    judge(out, recipe)
+    return out
     required = required_devices(recipe)
     for a in out.built():
         try:
