@@ -1,8 +1,12 @@
 """Run stages: each once per cache key, through the store's one run-once mechanism.
 
-A stage whose key is in the store is a hit and does no work. A failed stage
-leaves nothing in the store; stages that need it are skipped with the reason,
-and independent stages still run. Build stages and eval stages run here alike.
+A stage whose key is in the store is a hit and does no work, except that a stored
+artifact (a stage with ``artifact`` info: what eval and register check and users
+ship) is used only while its files match its manifest: one altered since the build
+is built again and replaces it, so "rebuild it" is what `quantforge build` does.
+A failed stage leaves nothing in the store; stages that need it are skipped with
+the reason, and independent stages still run. Build stages and eval stages run
+here alike.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Callable
 
 import pipeline
 from pipeline.core.stage import Stage, StageContext, StageOutput
-from pipeline.core.store import Store
+from pipeline.core.store import Store, verify_folder
 from pipeline.errors import InvalidInput, QuantforgeError
 
 Log = Callable[[str], None]
@@ -114,14 +118,23 @@ def _run_one(stage: Stage, keys, results, outside: dict[str, StageOutput], store
             "result": facts or {},
         }
 
+    altered: list[str] = []
+
+    def intact(manifest: dict) -> bool:
+        problems = verify_folder(store.path_for(stage.kind, key), manifest)
+        if problems and not altered:  # run_once asks again under the lock: say it once
+            altered.append(problems[0])
+            log(f"[{stage.name}] the stored files changed since they were built ({'; '.join(problems[:3])}): building it again")
+        return not problems
+
     try:
-        entry = store.run_once(stage.kind, key, produce)
+        entry = store.run_once(stage.kind, key, produce, accept=intact if stage.artifact is not None else None)
     except InvalidInput:
         raise
     except Exception as exc:
         seconds = time.perf_counter() - start
         full = str(exc) if isinstance(exc, QuantforgeError) else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if disk_full(exc):
             full = f"the disk is full while writing under {store.root}: {full}. Free space (or point --artifacts-dir at a bigger disk) and run again; nothing was kept"
         stage_log(full)
         stage_log(traceback.format_exc())
@@ -133,6 +146,22 @@ def _run_one(stage: Stage, keys, results, outside: dict[str, StageOutput], store
         return StageResult(stage, key, "hit", output=output, log_file=log_file)
     log(f"[{stage.name}] done in {seconds:.1f}s")
     return StageResult(stage, key, "built", output=output, seconds=seconds, log_file=log_file)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """The disk (or a quota) ran out: an OSError with ENOSPC/EDQUOT anywhere in the chain, or a
+    library's own error that only carries the OS message (safetensors raises
+    ``SafetensorError: ... No space left on device (os error 28)``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "StorageFull" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def short_reason(message: str, log_file: Path | None = None) -> str:
@@ -153,15 +182,23 @@ def short_reason(message: str, log_file: Path | None = None) -> str:
 def _log_file(stage: Stage, logs_dir: Path | None) -> Path | None:
     if logs_dir is None:
         return None
-    logs_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a full disk (or a read-only one): the stage runs, its log goes to the console only
+        return None
     return logs_dir / (stage.name.replace("/", "__") + ".log")
 
 
 def _stage_logger(stage: Stage, log: Log, log_file: Path | None) -> Log:
     def emit(msg: str) -> None:
         if log_file is not None:
-            with open(log_file, "a", encoding="utf-8") as f:
-                f.write(msg.rstrip() + "\n")
+            try:
+                with open(log_file, "a", encoding="utf-8") as f:
+                    f.write(msg.rstrip() + "\n")
+            except OSError:
+                # The log shares the artifacts dir's disk: when it is full, the failure
+                # must still reach the console and the report, not end in a traceback.
+                pass
         if "Traceback" not in msg and "\n" not in msg.strip():
             log(f"[{stage.name}] {msg}")
 
