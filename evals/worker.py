@@ -76,6 +76,9 @@ def run_tasks(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.core.proc import die_with_parent
+
+    die_with_parent()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m evals.worker JOB.json OUT.json", file=sys.stderr)

@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import InvalidInput, Problem
-from pipeline.spec import NAME_PATTERN, GateSpec, Strict
+from pipeline.spec import NAME_MAX, NAME_PATTERN, GateSpec, Strict
 from pipeline.targets import KINDS, declaration, settings_classes, unknown_kind_message
 
 
@@ -88,12 +88,12 @@ TARGET_KINDS = tuple(KINDS)
 class SpeedSpec(Strict):
     """How speed is measured: warm-up, then at least `min_iterations` and `min_seconds`."""
 
-    prompt_lengths: list[int] = Field([64, 256], min_length=1)
-    decode_tokens: int = Field(32, ge=1)
-    batch_sizes: list[int] = Field([1], min_length=1)
-    warmup: int = Field(1, ge=0)
-    min_iterations: int = Field(3, ge=1)
-    min_seconds: float = Field(1.0, ge=0)
+    prompt_lengths: list[Annotated[int, Field(ge=1, le=1_048_576)]] = Field([64, 256], min_length=1)
+    decode_tokens: int = Field(32, ge=1, le=65_536)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field([1], min_length=1)
+    warmup: int = Field(1, ge=0, le=100)
+    min_iterations: int = Field(3, ge=1, le=1000)
+    min_seconds: float = Field(1.0, ge=0, le=600)
     threads: int | None = Field(None, ge=1)
 
 
@@ -103,8 +103,8 @@ class EvalSpec(Strict):
     devices: list[str] = Field(["cpu"], min_length=1)
     suite: str = "builtin"
     column: str = "text"
-    context: int = Field(256, ge=16)
-    max_windows: int = Field(32, ge=1)
+    context: int = Field(256, ge=16, le=1_048_576)
+    max_windows: int = Field(32, ge=1, le=100_000)
     speed: SpeedSpec = SpeedSpec()
     #: lm-evaluation-harness tasks: shipped (kjv_cloze, kjv_word4, kjv_next4), a task YAML path, or lm-eval's own
     tasks: list[str] = []
@@ -115,7 +115,7 @@ class EvalSpec(Strict):
     @classmethod
     def _device_names(cls, devices: list[str]) -> list[str]:
         for d in devices:
-            if not re.match(NAME_PATTERN, d):
+            if not re.match(NAME_PATTERN, d) or len(d) > NAME_MAX:
                 raise ValueError(f"device {d!r} must match {NAME_PATTERN} (cpu, cuda, or a GPU class such as h100)")
         if len(set(devices)) != len(devices):
             raise ValueError("devices repeat")
@@ -133,7 +133,7 @@ class RegistrySpec(Strict):
 
 # ------------------------------------------------------------------- recipe
 class Recipe(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     description: str = ""
     source: SourceSpec
     calibration: CalibrationSpec | None = None
@@ -390,7 +390,8 @@ def parse_recipe(path: str | Path) -> LoadedRecipe:
         finally:
             loader.dispose()
     except DuplicateKey as exc:
-        raise InvalidInput([Problem(file=file, path="", message=str(exc), line=exc.second)]) from None
+        where = next((loc for loc, line in line_index(text).items() if line == exc.second and loc and loc[-1] == exc.key), ())
+        raise InvalidInput([Problem(file=file, path=".".join(map(str, where)), message=str(exc), line=exc.second)]) from None
     except RecursionError:
         raise InvalidInput([Problem(file=file, path="", message="nested too deeply to be a recipe")]) from None
     except yaml.YAMLError as exc:

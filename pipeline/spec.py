@@ -11,6 +11,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
+# Names become folder, file and MLflow names: bounded well below file systems' 255-byte limit.
+NAME_MAX = 64
 
 
 class Strict(BaseModel):

@@ -79,12 +79,24 @@ def data_problems(loaded: LoadedRecipe, config: dict | None) -> list[Problem]:
     from pipeline.data.text import text_source_problem
 
     recipe = loaded.recipe
+    base = loaded.path.parent
     problems = []
     cal = recipe.calibration
     if cal is not None:
-        msg = text_source_problem(cal.dataset, base_dir=loaded.path.parent, split=cal.split)
+        msg = text_source_problem(cal.dataset, base_dir=base, split=cal.split)
         if msg:
             problems.append(loaded.problem(("calibration", "dataset"), msg))
+        else:
+            problems += _calibration_size_problems(loaded)
+    try:
+        from pipeline.data.suites import resolve_suite
+
+        spec = resolve_suite(recipe.evals.suite, base_dir=base, column=recipe.evals.column)
+        msg = text_source_problem(spec.dataset, base_dir=base, split=spec.split)
+        if msg:
+            problems.append(loaded.problem(("evals", "suite"), msg))
+    except InvalidInput as exc:
+        problems += [loaded.problem(("evals", "suite"), p.message.removeprefix("evals.suite: ")) for p in exc.problems]
     if recipe.evals.tasks:
         from evals.tasks import problems as task_problems
 
@@ -100,6 +112,27 @@ def data_problems(loaded: LoadedRecipe, config: dict | None) -> list[Problem]:
         if longest > limit:
             problems.append(loaded.problem(("evals", "speed", "prompt_lengths"), f"the longest prompt plus decode_tokens is {longest} tokens, more than the model's {limit} positions"))
     return problems
+
+
+def _calibration_size_problems(loaded: LoadedRecipe) -> list[Problem]:
+    """Local calibration text must parse, and hold at least samples x seq_len characters: no
+    tokenizer makes fewer than one character per token, so less text can never be enough
+    (the exact token count is checked when the calibration stage tokenizes it)."""
+    from pipeline.data.text import is_local, load_texts
+
+    cal = loaded.recipe.calibration
+    if not (cal.dataset == "builtin" or is_local(cal.dataset)):
+        return []  # a hub dataset: checked when downloaded
+    try:
+        texts = load_texts(cal.dataset, base_dir=loaded.path.parent, split=cal.split, column=cal.column)
+    except InvalidInput as exc:
+        return [loaded.problem(("calibration", "dataset"), p.message.removeprefix("calibration.dataset: ")) for p in exc.problems]
+    chars = sum(len(t) for t in texts)
+    need = cal.samples * cal.seq_len
+    if chars < need:
+        return [loaded.problem(("calibration", "samples"), f"{cal.samples} samples of {cal.seq_len} tokens need at least {need} characters of "
+                                                            f"text; {cal.dataset} has {chars}: lower samples or seq_len, or add data")]
+    return []
 
 
 def _max_positions(config: dict | None) -> int | None:

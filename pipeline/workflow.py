@@ -119,7 +119,12 @@ def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: 
     ensure_source(loaded, artifacts_dir, log)
     report = evaluate(loaded, artifacts_dir, device, log=log)
     print_eval_tables(report)
+    broken = [f"{a.name} on {d}" for a in report.built() for d, ev in a.evals.items() if ev.status == "failed"]
+    if broken:
+        log(f"evaluations failed: {', '.join(broken)} (their reasons are under the table)")
     failed = [a.name for a in report.built() if a.gates is not None and a.gates.passed is False]
+    if broken and not fail_on_gate:
+        return EXIT_STAGE_FAILED
     if failed:
         log(f"gates failed: {', '.join(failed)}")
         if fail_on_gate:

@@ -10,7 +10,7 @@ from typing import Iterator
 import typer
 
 from pipeline.cli.tables import make_console
-from pipeline.errors import EXIT_INVALID_INPUT, QuantforgeError
+from pipeline.errors import EXIT_INVALID_INPUT, EXIT_STAGE_FAILED, QuantforgeError
 
 console = make_console()
 err_console = make_console(stderr=True)
@@ -45,6 +45,14 @@ def exits() -> Iterator[None]:
             # The message is plain text: rich markup would eat "[a-z0-9]" in a pattern, say.
             err_console.print(Text(f"{label}: ", style="red") + Text(line), soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+    except OSError as exc:
+        from pipeline.core.runner import disk_full
+
+        if not disk_full(exc):
+            raise
+        err_console.print(f"error: the disk is full ({exc}); free space (or use another --artifacts-dir) and run again",
+                          markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_STAGE_FAILED) from None
 
 
 def log(msg: str) -> None:

@@ -51,6 +51,29 @@ def run_python(module: str, args: Sequence[object], *, timeout: float | None = N
         raise StageFailed(f"`python -m {module}` did not finish within {timeout:.0f} s") from None
 
 
+def die_with_parent() -> None:
+    """Called first by every child module: end this process when the job that started it dies
+    (a job killed with SIGKILL cannot stop its children itself, which would run on, orphaned).
+
+    Linux's PR_SET_PDEATHSIG, set by the child rather than through ``preexec_fn`` (which is
+    unsafe in a parent running threads, as torch does); elsewhere a no-op.
+    """
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)
+
+
 def how_it_ended(returncode: int) -> str:
     if returncode < 0:
         import signal

@@ -308,6 +308,9 @@ def updating(path: Path, recipe_name: str) -> Iterator[Report]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lockfile:
         fcntl.flock(lockfile, fcntl.LOCK_EX)
+        # Temp files are written under this lock: any found now belong to a writer that died.
+        for stale in path.parent.glob(".report-*.json"):
+            stale.unlink(missing_ok=True)
         report = read_report(path) or Report(recipe=recipe_name)
         yield report
         report.updated = _now()
@@ -317,15 +320,19 @@ def updating(path: Path, recipe_name: str) -> Iterator[Report]:
 def write_report(path: Path, report: Report) -> None:
     """Atomically (temp file + rename), readable by everyone who can read the folder."""
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(report.model_dump(mode="json"), indent=2, sort_keys=False, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    # mkstemp creates 0600; a report is meant to be read by other jobs and people.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(report.model_dump(mode="json"), indent=2, sort_keys=False, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; a report is meant to be read by other jobs and people.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------- merging

@@ -399,6 +399,9 @@ def _check_child(path: str, folder: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from pipeline.core.proc import die_with_parent
+
+    die_with_parent()
     if len(argv) != 3 or argv[0] != "check":
         print("usage: python -m pipeline.sources.gguf check FILE.gguf FOLDER", file=sys.stderr)
         return 2

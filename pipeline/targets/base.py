@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field
 
-from pipeline.spec import NAME_PATTERN, GateOverride, Strict
+from pipeline.spec import NAME_MAX, NAME_PATTERN, GateOverride, Strict
 
 GroupSize = Union[Annotated[int, Field(ge=1)], Literal["channel"]]
 
@@ -38,7 +38,7 @@ Found = tuple[tuple, str]
 
 
 class TargetBase(Strict):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     gates: GateOverride | None = None
 
     def needs_calibration(self) -> bool:

@@ -98,11 +98,6 @@ def test_full_disk_fails_cleanly_registers_nothing_and_recovers(small_disk, tmp_
     check_report(artifacts)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a disk already full before the build: the stage fails cleanly (runner), but writing report.json then raises "
-    "OSError ENOSPC out of pipeline/core/report.py write_report (a traceback, and a .report-*.json temp file left); "
-    "needs write_report to remove its temp file on failure and the CLI (pipeline/cli/common.py exits) to turn "
-    "ENOSPC into a one-line 'disk is full' error with exit 1"))
 def test_disk_full_before_the_build_ends_without_a_traceback(small_disk, tmp_path, mini_model):
     disk = small_disk("2m")
     recipe = tmp_path / "rel.yaml"

@@ -51,16 +51,33 @@ def group_size_problem(group_size, config: dict | None) -> str | None:
     return f"group size {group_size} does not divide {layers} of {model}; use {hint}, or 'channel'"
 
 
+def pattern_problems(patterns: list[str], loc: tuple) -> list[Found]:
+    """llm-compressor module patterns: a name, or 're:' and a regular expression that must compile."""
+    import re
+
+    found = []
+    for j, p in enumerate(patterns):
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                found.append(((*loc, j), f"{p!r} is not a valid regular expression: {exc}"))
+    return found
+
+
 class _IntWeightTarget(TargetBase):
     bits: Literal[4, 8] = 4
     group_size: GroupSize = 128
     ignore: list[str] = ["lm_head"]
 
     def problems(self, ctx: CheckContext) -> list[Found]:
-        found = []
+        found = pattern_problems(self.ignore, ("targets", ctx.index, "ignore"))
         msg = group_size_problem(self.group_size, ctx.source_config)
         if msg:
             found.append((("targets", ctx.index, "group_size"), msg))
+        for k, m in enumerate(getattr(self, "mappings", None) or []):
+            found += pattern_problems([m.smooth_layer], ("targets", ctx.index, "mappings", k, "smooth_layer"))
+            found += pattern_problems(m.balance_layers, ("targets", ctx.index, "mappings", k, "balance_layers"))
         return found
 
 
@@ -121,17 +138,18 @@ class Fp8Target(TargetBase):
         return self.scheme == "static" or self.kv_cache
 
     def problems(self, ctx: CheckContext) -> list[Found]:
+        found = pattern_problems(self.ignore, ("targets", ctx.index, "ignore"))
         config = ctx.source_config
         if self.scheme != "block" or not config:
-            return []
+            return found
         # FP8_BLOCK quantizes 128x128 weight tiles: both dimensions must be multiples of 128.
         widths = {**linear_in_features(config), "intermediate_size (out)": config.get("intermediate_size") or 0}
         bad = {k: w for k, w in widths.items() if w and w % 128}
         if bad:
-            return [(("targets", ctx.index, "scheme"),
-                     "scheme 'block' uses 128x128 weight blocks, but " + ", ".join(f"{k} is {w}" for k, w in bad.items())
-                     + ": use 'dynamic' or 'static'")]
-        return []
+            found.append((("targets", ctx.index, "scheme"),
+                          "scheme 'block' uses 128x128 weight blocks, but " + ", ".join(f"{k} is {w}" for k, w in bad.items())
+                          + ": use 'dynamic' or 'static'"))
+        return found
 
 
 def _format(kind: str) -> ArtifactFormat:

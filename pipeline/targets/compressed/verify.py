@@ -259,6 +259,9 @@ def verify(folder: Path, source: Path, ignore: list[str], calibration: Path | No
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.core.proc import die_with_parent
+
+    die_with_parent()
     args = parse_args(argv)
     import torch
 

@@ -240,6 +240,9 @@ def _install_extra_kv_hook(extra: dict[str, str]) -> None:
 
 
 def child_main(argv: list[str]) -> None:
+    from pipeline.core.proc import die_with_parent
+
+    die_with_parent()
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.targets.gguf.convert")

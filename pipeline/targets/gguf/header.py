@@ -63,11 +63,13 @@ def read_header(path: Path) -> Header:
 def _read(path: str, size: int, mtime_ns: int) -> Header:
     import gguf
 
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != MAGIC:
+        raise HeaderError(f"not a GGUF file (it starts with {head!r}, not b'GGUF')")
     if size < 24:
-        raise HeaderError("too short to be a GGUF file")
+        raise HeaderError("too short to hold a GGUF header: truncated")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m[:4] != MAGIC:
-            raise HeaderError(f"not a GGUF file (it starts with {bytes(m[:4])!r}, not b'GGUF')")
         pos = 4
 
         def take(fmt: str, n: int):

@@ -243,6 +243,9 @@ def _cmd_decode(path: str, prompt: str, n_tokens: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from pipeline.core.proc import die_with_parent
+
+    die_with_parent()
     commands = {"tokenize": _cmd_tokenize, "decode": _cmd_decode}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m pipeline.targets.gguf.llamacpp {{{','.join(commands)}}} ...", file=sys.stderr)

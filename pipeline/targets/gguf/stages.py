@@ -433,8 +433,9 @@ def check_disk(folder: Path, need_bytes: int, what: str) -> None:
     """Fail before writing when the disk cannot hold the output (an estimate, with margin)."""
     free = shutil.disk_usage(folder).free
     if free < need_bytes:
+        size = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
         raise StageFailed(
-            f"not enough disk space for {what}: about {need_bytes / 2**30:.2f} GiB needed, "
-            f"{free / 2**30:.2f} GiB free on {folder} (set the artifacts dir on a bigger disk)"
+            f"not enough disk space for {what}: about {size(need_bytes)} needed, "
+            f"{size(free)} free on {folder} (set the artifacts dir on a bigger disk)"
         )
 

@@ -28,12 +28,12 @@ class TensorRtTarget(TargetBase):
     quant: Literal["fp8", "int4_awq", "nvfp4", "none"] = "fp8"
     kv_cache_quant: Literal["fp8"] | None = None
     output: Literal["checkpoint", "engine", "both"] = "both"
-    max_batch_size: int = Field(8, ge=1)
-    max_input_len: int = Field(1024, ge=1)
-    max_seq_len: int = Field(2048, ge=1)
-    max_num_tokens: int = Field(8192, ge=1)
-    tp_size: int = Field(1, ge=1)
-    pp_size: int = Field(1, ge=1)
+    max_batch_size: int = Field(8, ge=1, le=65_536)
+    max_input_len: int = Field(1024, ge=1, le=10_000_000)
+    max_seq_len: int = Field(2048, ge=1, le=10_000_000)
+    max_num_tokens: int = Field(8192, ge=1, le=10_000_000)
+    tp_size: int = Field(1, ge=1, le=1024)
+    pp_size: int = Field(1, ge=1, le=1024)
 
     def needs_calibration(self) -> bool:
         return self.quant != "none"

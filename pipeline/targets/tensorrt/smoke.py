@@ -11,6 +11,9 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    from pipeline.core.proc import die_with_parent
+
+    die_with_parent()
     from tensorrt_llm import SamplingParams
     from tensorrt_llm._tensorrt_engine import LLM
 
