@@ -155,20 +155,15 @@ class LlamaCppRuntime(Runtime):
         reason = llamacpp.missing()
         if reason or device == "cpu":
             return reason
-        llama_cpp = _llama_cpp()
-
-        if not llama_cpp.llama_supports_gpu_offload():
-            return f"this llama-cpp-python build has no GPU offload, so it cannot run on {device!r}"
+        # From the build's VERSION file, not by loading the library into this process (see llamacpp.binding).
+        if not llamacpp.backend().startswith("cuda"):
+            return f"the llama.cpp build in {llamacpp.tools_dir()} is a {llamacpp.backend()} build, so it cannot run on {device!r}: run `make setup` on a machine with nvcc"
         return None
 
     def versions(self) -> dict[str, str]:
-        out = super().versions()
-        try:
-            llama_cpp = _llama_cpp()
-            out["llama_cpp_system"] = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
-        except Exception:  # the binding fails to load its shared library: versions stay as is
-            pass
-        return out
+        from pipeline.targets.gguf import llamacpp
+
+        return {**super().versions(), "llama.cpp": llamacpp.version(), "llama.cpp backend": llamacpp.backend()}
 
     def open(self, path: Path, device: str, threads: int, *, logits: bool = False) -> Session:
         return LlamaCppSession(Path(path), device, threads, logits)

@@ -367,35 +367,54 @@ def check_round_trip(path: Path, folder: Path, log) -> dict:
 
 
 def _check_child(path: str, folder: str) -> dict:
-    from transformers import AutoTokenizer, GenerationConfig
-
+    """The child's side: llama.cpp loaded first, and no transformers or torch in this process
+    (see pipeline.targets.gguf.llamacpp.binding): the folder's tokenizer is read with the
+    `tokenizers` library it was written with, its chat template rendered with jinja2."""
     from pipeline.targets.gguf.llamacpp import binding
 
-    hf = AutoTokenizer.from_pretrained(folder)
-    hf_split = AutoTokenizer.from_pretrained(folder, split_special_tokens=True)
+    llama_cpp = binding()
+    from tokenizers import Tokenizer
+
+    folder_p = Path(folder)
+    tok = Tokenizer.from_file(str(folder_p / "tokenizer.json"))
+    split = Tokenizer.from_file(str(folder_p / "tokenizer.json"))
+    split.encode_special_tokens = True  # special-token text split like any text (llama.cpp's special=False)
+    tok_config = json.loads((folder_p / "tokenizer_config.json").read_text())
     texts = list(SAMPLES)
-    if hf.chat_template:
-        texts.append(hf.apply_chat_template([{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
-                                             {"role": "user", "content": "Thanks!"}], tokenize=False, add_generation_prompt=True))
-    llm = binding().Llama(model_path=path, vocab_only=True, verbose=False)
+    template = folder_p / "chat_template.jinja"
+    if template.is_file():
+        texts.append(_render_chat(template.read_text(), tok_config))
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
     problems = []
     try:
         for i, text in enumerate(texts):
-            for special, tok in ((True, hf), (False, hf_split)):
-                a = tok.encode(text, add_special_tokens=False)
+            for special, t in ((True, tok), (False, split)):
+                a = t.encode(text, add_special_tokens=False).ids
                 b = llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
                 if a != b:
                     problems.append(f"text {i} (special={special}): transformers {a[:12]}... != llama.cpp {b[:12]}...")
-        config = json.loads((Path(folder) / "config.json").read_text())
-        gen = GenerationConfig.from_pretrained(folder)
+        config = json.loads((folder_p / "config.json").read_text())
+        gen = json.loads((folder_p / "generation_config.json").read_text())
         for key, llama_id in (("bos", llm.token_bos()), ("eos", llm.token_eos())):
-            seen = {"gguf": llama_id, "tokenizer": getattr(hf, f"{key}_token_id"), "config": config.get(f"{key}_token_id"),
-                    "generation_config": getattr(gen, f"{key}_token_id")}
+            token = tok_config.get(f"{key}_token")
+            seen = {"gguf": llama_id, "tokenizer": tok.token_to_id(token) if token else None,
+                    "config": config.get(f"{key}_token_id"), "generation_config": gen.get(f"{key}_token_id")}
             if len(set(seen.values())) != 1:
                 problems.append(f"{key} token ids disagree: {seen}")
     finally:
         llm.close()
     return {"ok": not problems, "problems": problems, "texts": len(texts)}
+
+
+def _render_chat(template: str, tok_config: dict) -> str:
+    """A short conversation through the chat template, as transformers' apply_chat_template renders it."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}, {"role": "user", "content": "Thanks!"}]
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            bos_token=tok_config.get("bos_token", ""), eos_token=tok_config.get("eos_token", ""))
 
 
 def main(argv: list[str]) -> int:

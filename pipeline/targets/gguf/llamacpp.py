@@ -91,7 +91,14 @@ def offload_args() -> list[str]:
 
 
 def binding():
-    """The llama_cpp module, bound to the libraries of :func:`tools_dir` (imported on first use)."""
+    """The llama_cpp module, bound to the libraries of :func:`tools_dir` (imported on first use).
+
+    Load it first in a process, and never in one that imports torch: with a CUDA build of
+    llama.cpp, a process that had loaded numpy or torch before it segfaulted, and one that
+    imported torch after it aborted (both seen on an H200; the CPU build is unaffected).
+    quantforge therefore uses llama.cpp only in child processes made for it (this module's
+    checks, eval workers of GGUF files), which load it before anything else.
+    """
     if binding_version() is None:
         raise LlamaCppMissing(f"llama-cpp-python is not installed: {SETUP_HINT}")
     lib = tools_dir()
@@ -246,6 +253,7 @@ def main(argv: list[str]) -> int:
     from pipeline.core.proc import die_with_parent
 
     die_with_parent()
+    binding()  # before anything else loads numpy (see binding)
     commands = {"tokenize": _cmd_tokenize, "decode": _cmd_decode}
     if not argv or argv[0] not in commands:
         print(f"usage: python -m pipeline.targets.gguf.llamacpp {{{','.join(commands)}}} ...", file=sys.stderr)
