@@ -122,12 +122,39 @@ def measure(runtime_name: str, path: Path, device: str, threads: int, prompt_len
         **{k: v for k, v in session.info.items()},
     }
     if device != "cpu":
-        import torch
+        if "torch" in sys.modules:  # a torch runtime: its allocator knows the peak
+            import torch
 
-        if torch.cuda.is_available():
-            out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if torch.cuda.is_available():
+                out["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        else:
+            # Never import torch beside llama.cpp: a CUDA build of it aborted when torch loaded
+            # after it (seen on an H200). The driver's count for this process, model still loaded.
+            used = gpu_process_memory_mib()
+            if used is not None:
+                out["cuda_max_allocated_mib"] = used
     session.close()
     return out
+
+
+def gpu_process_memory_mib() -> float | None:
+    """GPU memory this process holds, as nvidia-smi reports it (None where it cannot tell)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        rows = subprocess.run([exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for row in rows:
+        pid, _, mib = row.partition(",")
+        if pid.strip() == str(os.getpid()) and mib.strip().isdigit():
+            return float(mib.strip())
+    return None  # in a container the driver may list host process ids only
 
 
 def headline(speed: dict) -> dict:

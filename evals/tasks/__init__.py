@@ -153,16 +153,28 @@ def run(lm, include_paths: list[str], tasks: list[str], limit: int | None) -> di
     """Score `lm` on `tasks`: task -> {metric, value, stderr, samples, items: {doc id: 0/1}}."""
     import logging
     import os
+    import random
 
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # lm-eval's bootstrap otherwise starts a process pool
-    import lm_eval
+    import lm_eval.evaluator
+    import numpy as np
     from lm_eval.tasks import TaskManager
 
     for name in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     manager = TaskManager(include_path=include_paths, include_defaults=any(t not in shipped() for t in tasks))
-    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=1000,
-                                  log_samples=True, random_seed=0, numpy_random_seed=1234, torch_random_seed=1234)
+    # lm-eval's evaluate() on tasks loaded as simple_evaluate loads them (zero-shot unless the task
+    # says otherwise, fixed few-shot seed), not simple_evaluate itself: that one imports torch (to
+    # seed it and to collect environment info), and a CUDA build of llama.cpp aborted when torch
+    # loaded after it (seen on an H200). Log-likelihood scoring draws nothing random from torch.
+    random.seed(0)
+    np.random.seed(1234)
+    loaded = manager.load(tasks)
+    for task_obj in loaded["tasks"].values():
+        if task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=1234)
+    res = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=1000, log_samples=True)
     out: dict[str, dict[str, Any]] = {}
     for task, r in res["results"].items():
         if task not in tasks:

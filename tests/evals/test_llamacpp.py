@@ -54,3 +54,33 @@ def test_different_tokenization_is_refused(f32_gguf, reference, heldout_text):
     res = run_accuracy("llama_cpp", f32_gguf, "cpu", 1, ids, heldout_text, 128, 4, ref["bos_id"], d / "reference.npz", None)
     assert res["status"] == "failed"
     assert "tokenizes the suite text differently" in res["reason"] and "token 10" in res["reason"]
+
+
+def test_gguf_worker_never_loads_torch(f32_gguf, reference, heldout_text, tmp_path):
+    """A GGUF eval worker measures speed, accuracy and tasks with llama.cpp alone: a CUDA build of
+    llama.cpp aborted in a process that loaded torch after it, so torch must stay out."""
+    import json
+    import subprocess
+    import sys
+
+    from evals.tasks import TASKS_DIR
+
+    ref, d = reference
+    text = tmp_path / "suite.txt"
+    text.write_text(heldout_text, encoding="utf-8")
+    job = {"runtime": "llama_cpp", "path": str(f32_gguf), "device": "cpu", "threads": 1,
+           "speed": {"prompt_lengths": [16], "decode_tokens": 4, "batch_sizes": [1], "warmup": 0,
+                     "min_iterations": 1, "min_seconds": 0},
+           "accuracy": {"context": 128, "max_windows": 4, "text": str(text), "ids": str(d / "ids.npy"),
+                        "bos": ref["bos_id"], "reference": str(d / "reference.npz")},
+           "tasks": {"names": ["kjv_word4"], "limit": 8, "include": [str(TASKS_DIR)]}}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    probe = ("import json, sys\nfrom evals import worker\nrc = worker.main(sys.argv[1:])\n"
+             "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))\nsys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert {part: out[part]["status"] for part in ("speed", "accuracy", "tasks")} == dict.fromkeys(("speed", "accuracy", "tasks"), "done"), out
+    assert out["accuracy"]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
