@@ -85,7 +85,7 @@ def child_direct_llmc(spec: dict) -> dict:
         kwargs = {"dataset": ds, "num_calibration_samples": len(ds), "max_seq_length": len(ds[0]["input_ids"]),
                   "shuffle_calibration_samples": False}
     t1 = time.perf_counter()
-    # AWQ on a CPU-only torch needs this guard with llm-compressor 0.14.0.1 directly too (ENVIRONMENT.md)
+    # AWQ on a CPU-only torch needs this guard with llm-compressor 0.14.0.1 directly too (it fails without)
     with awq_cpu_pin_memory_guard():
         oneshot(model=model, recipe=build_modifiers(target), **kwargs)
     t2 = time.perf_counter()

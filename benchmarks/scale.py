@@ -21,8 +21,8 @@ The time budget covers everything: a target whose estimated cost (a stated guess
 smaller recipe's measured time scaled by parameter count) does not fit in what is left is
 skipped, saying so, and a build still running when the budget ends is stopped.
 
-Writes PREFIX.md (one table, beside the direct-library anchors measured on an H200, see
-ENVIRONMENT.md) and PREFIX.json (everything, including every process); prints the table.
+Writes PREFIX.md (one table, beside reference times of the libraries called directly on one
+H200, without quantforge) and PREFIX.json (everything, including every process); prints the table.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from measure import (REPO, child_env, host_info, markdown_table, ratio, run_meas
                      stage_of_process, stage_windows, store_manifests)
 
 GIB = 2**30
-# Direct-library runs of the 8B shape on one H200 (ENVIRONMENT.md, "The GPU machine"); what each is compared with.
+# Reference times of the libraries called directly (no quantforge) on the 8B shape on one H200; what each is compared with.
 ANCHORS = {
     ("scale-8b", "fp8/quantize"): {"what": "llm-compressor oneshot FP8_DYNAMIC", "seconds": 3.2, "field": "quantize_s", "gpu_gib": 0.6},
     ("scale-8b", "w4a16-gptq/quantize"): {"what": "llm-compressor oneshot GPTQ W4A16 g128, 128 x 512", "seconds": 89.0,

@@ -10,8 +10,8 @@ Real `quantforge` processes on a real (small, trained) model. The kill points:
   of a container would);
 * just before the rename: the manifest is written and fsynced, the folder complete,
   only ``os.rename`` into the store is missing (deterministic, see killer.py);
-* the parent alone, while its converter child writes the GGUF: the child lives on as an
-  orphan, writing into a temp folder the rerun removes;
+* the parent alone, while its converter child writes the GGUF: the child ends with it, and
+  the rerun removes the temp folder it was writing;
 * while an altered artifact is being replaced (between moving the old folder aside and
   renaming the new one in);
 * for the eval job: before its source result is stored, while an artifact's eval worker
@@ -123,8 +123,9 @@ def test_build_killed_while_replacing_an_altered_artifact(setup, tmp_path):
 
 
 def test_build_killed_alone_while_its_converter_child_writes(setup, tmp_path):
-    """Only the build process dies; the llama.cpp converter it started keeps running
-    (an orphan) and writes into a temp folder the rerun removes."""
+    """Only the build process is killed; the llama.cpp converter it started ends with it (it
+    asked the kernel for that, PR_SET_PDEATHSIG) instead of writing on as an orphan, and the
+    rerun removes the temp folder it was writing."""
     recipe, artifacts = setup("gguf")
     log = tmp_path / "killed.log"
     proc = start(cli("build", recipe, "--artifacts-dir", artifacts), log)
@@ -132,9 +133,9 @@ def test_build_killed_alone_while_its_converter_child_writes(setup, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     try:
+        wait_gone(proc.pid, timeout=10)  # the converter (same process group) is gone too
         _rerun_build(recipe, artifacts, tmp_path, "gguf/convert")
-        wait_gone(proc.pid)  # the orphan ends on its own (its folder is gone)
-        check_store(artifacts)  # and leaves nothing behind in the store
+        check_store(artifacts)
     finally:
         if group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
