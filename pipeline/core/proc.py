@@ -74,6 +74,19 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with that id exists (a lock's owner, say)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def how_it_ended(returncode: int) -> str:
     if returncode < 0:
         import signal

@@ -27,6 +27,8 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from pipeline.core.proc import pid_alive
+
 MANIFEST = "manifest.json"
 KEY_LEN = 24
 
@@ -168,7 +170,7 @@ class Store:
                 pid = int(parts[-2])
             except (IndexError, ValueError):
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(d, ignore_errors=True)
                 removed += 1
         return removed
@@ -242,13 +244,3 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.core.report import ArtifactReport, RegistryEntry, RegistryInfo, Report, read_report, updating
+from pipeline.core.proc import pid_alive
 from pipeline.core.store import MANIFEST, sha256_file, verify_folder
 from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
 from pipeline.registry import cards, parts as P, promotion
@@ -150,16 +151,6 @@ def canonical_version(client: Any, name: str, content_sha256: str):
 
 def _nan_equal(a: float | None, b: float) -> bool:
     return a is not None and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Registration:
@@ -270,7 +261,7 @@ class Registration:
             return True
         host, _, rest = (run.data.tags.get(JOB_TAG) or "").partition(":")
         pid = rest.partition(":")[0]
-        if host == self.host and pid.isdigit() and not _pid_alive(int(pid)):
+        if host == self.host and pid.isdigit() and not pid_alive(int(pid)):
             return True
         return (time.time() * 1000 - (run.info.start_time or 0)) > self.lease_s * 1000
 

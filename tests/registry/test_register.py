@@ -17,20 +17,8 @@ from pipeline.errors import StageFailed
 from pipeline.registry.parts import PARTS_DIR, REPORT_ARTIFACT, REPORT_TAG
 from pipeline.registry.register import register_report
 from pipeline.registry.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, tracking_uri_for
-from tests.registry.conftest import QUANTFORGE, REPO, Log, client_for, quiet
+from tests.registry.conftest import QUANTFORGE, REPO, Log, client_for, quiet, snapshot
 from tests.registry.reports import FP8, GGUF, own_copies, rebuilt, variant, with_device, write
-
-
-def snapshot(client, experiment_id: str, model_prefix: str, files_root: Path) -> dict:
-    """Everything a repeat registration must not change: runs, metric histories, versions, stored files."""
-    runs = client.search_runs([experiment_id])
-    return {
-        "runs": sorted(r.info.run_id for r in runs),
-        "history": {(r.info.run_id, k): len(client.get_metric_history(r.info.run_id, k)) for r in runs for k in r.data.metrics},
-        "versions": sorted((v.name, str(v.version)) for v in client.search_model_versions(f"name LIKE '{model_prefix}%'")),
-        "aliases": {m.name: dict(m.aliases) for m in client.search_registered_models(f"name LIKE '{model_prefix}%'")},
-        "files": {str(p): p.stat().st_mtime_ns for p in files_root.rglob("*") if p.is_file()},
-    }
 
 
 def download_tree(uri: str, source: str, dst: Path) -> dict[str, str]:

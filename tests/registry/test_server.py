@@ -20,7 +20,7 @@ from pipeline.core.store import MANIFEST, file_table, sha256_file, verify_folder
 from pipeline.registry import parts as P
 from pipeline.registry.promotion import decide
 from pipeline.registry.register import register_report
-from tests.registry.conftest import QUANTFORGE, REPO, Server, client_for, quiet
+from tests.registry.conftest import QUANTFORGE, REPO, Server, client_for, quiet, snapshot
 from tests.registry.reports import FP8, GGUF, evaluated_on, rebuilt, variant, write
 
 
@@ -39,16 +39,6 @@ def store_tree(path: str) -> dict[str, str]:
 def register_cli(path: Path, uri: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*QUANTFORGE, "register", str(path), "--tracking-uri", uri, "--artifacts-dir", str(path.parent.parent)],
                           capture_output=True, text=True, cwd=REPO, timeout=kw.pop("timeout", 600), **kw)
-
-
-def snapshot(client, experiment_id: str, model_prefix: str, files_root: Path) -> dict:
-    runs = client.search_runs([experiment_id])
-    return {
-        "runs": sorted(r.info.run_id for r in runs),
-        "history": {(r.info.run_id, k): len(client.get_metric_history(r.info.run_id, k)) for r in runs for k in r.data.metrics},
-        "versions": sorted((v.name, str(v.version)) for v in client.search_model_versions(f"name LIKE '{model_prefix}%'")),
-        "files": {str(p): p.stat().st_mtime_ns for p in files_root.rglob("*") if p.is_file()},
-    }
 
 
 def test_unreachable_server_exits_1_in_seconds_then_registers_when_up(server, report, tmp_path):
