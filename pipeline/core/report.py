@@ -395,7 +395,12 @@ def merge_reports(old: Report | None, new: Report) -> Report:
 
 
 def report_digest(report: Report) -> str:
-    """sha256 of a report's content, less the times it was written and registered."""
+    """sha256 of a report's content, less the times it was written and registered, and less
+    whether this run built its stages or found them built: a warm rerun says nothing new."""
     data = report.model_dump(mode="json", exclude={"updated"})
     data.get("registry", {}).pop("registered", None)
+    for stage in data.get("stages", []):
+        stage.pop("seconds", None)
+        if stage.get("status") == "hit":
+            stage["status"] = "built"
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -280,3 +280,35 @@ def test_register_cli_from_report_json_alone(tmp_path, empty_db, report):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 artifact(s) registered" in res.stdout and "browse: mlflow ui --backend-store-uri sqlite:///" in res.stdout
     assert all(a.registry.version == "1" for a in read_report(path).artifacts)
+
+
+def test_a_warm_rerun_is_not_registered_again(tmp_path, empty_db, report):
+    """`make demo` twice: the second build finds every stage built (its records turn from
+    'built' into 'hit'), which changes nothing a registration would write, so its `register`
+    leaves the local store alone; a stage that now failed is news and is registered."""
+    import shutil
+
+    from pipeline.core.report import updating
+
+    artifacts = tmp_path / "demo-twice"
+    (artifacts / "mlflow").mkdir(parents=True)
+    shutil.copy(empty_db, artifacts / "mlflow" / "mlflow.db")
+    rep = variant(report, "twice")
+    for s in rep.stages:
+        s.status, s.seconds, s.built_seconds = "built", 3.0, 3.0
+    path = write(rep, artifacts)
+
+    def register():
+        res = subprocess.run([*QUANTFORGE, "register", str(path), "--artifacts-dir", str(artifacts)],
+                             capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout
+
+    assert "2 artifact(s) registered" in register()
+    with updating(path, rep.recipe) as r:  # what the warm build writes
+        for s in r.stages:
+            s.status, s.seconds = "hit", 0.0
+    assert "nothing changed since the last registration" in register()
+    with updating(path, rep.recipe) as r:
+        r.stages[0].status, r.stages[0].reason = "failed", "killed"
+    assert "artifact(s) registered" in register()
