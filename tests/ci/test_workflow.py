@@ -445,7 +445,7 @@ def test_make_ci_local_registers_cpu_results(tmp_path):
     work = tmp_path / "ci"
     env = {**os.environ, "CI_LOCAL_DIR": str(work), "CI_LOCAL_KEEP": "1"}
     out = subprocess.run(["make", "ci-local", f"RECIPE={CI_RECIPE}"], capture_output=True, text=True, cwd=REPO, env=env, timeout=3600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    log = out.stdout[-4000:] + out.stderr[-4000:]
     # Read what the (now stopped) server recorded, straight from its backend store.
     client = MlflowClient(f"sqlite:///{work / 'server' / 'mlflow.db'}")
     report = json.loads((work / "eval-cpu" / "ci-smol" / "report.json").read_text())
@@ -455,4 +455,10 @@ def test_make_ci_local_registers_cpu_results(tmp_path):
         assert a["evals"]["cpu"]["status"] == "done", a["name"]
         mv = client.get_model_version(a["registry"]["name"], a["registry"]["version"])
         assert mv.tags["cpu.perplexity"], a["name"]
-        assert a["gates"]["passed"] is not True or "production" in mv.aliases
+        # Registered either way; only artifacts that pass their gates get @production.
+        assert ("production" in mv.aliases) == (a["gates"]["passed"] is True), a["name"]
+    # As the workflow's eval job: a failed gate fails the job with exit 3, after registering.
+    if any(a["gates"]["passed"] is False for a in built):
+        assert out.returncode != 0 and "ci-local: a gate failed on cpu" in out.stderr and "Error 3" in out.stderr, log
+    else:
+        assert out.returncode == 0, log
