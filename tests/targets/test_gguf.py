@@ -41,6 +41,15 @@ def _plan(tmp: Path, model: Path, targets: str):
     return make_plan(load_recipe(recipe), tmp / "artifacts")
 
 
+def _convert(tmp: Path, model: Path, target_line: str, name: str):
+    """Only the source and the conversion of one GGUF target: its stage result."""
+    from pipeline.core.runner import execute
+
+    plan = _plan(tmp, model, target_line)
+    stages = [s for s in plan.stages if s.name in ("source", f"{name}/convert")]
+    return execute(stages, tmp / "artifacts", log=lambda m: None)[f"{name}/convert"]
+
+
 @pytest.fixture(scope="module")
 def built(mini_model, tmp_path_factory):
     from pipeline.core.runner import execute
@@ -96,11 +105,7 @@ def test_plan_shares_one_conversion_and_names_artifacts(mini_model, tmp_path):
 # ------------------------------------------------------------------ pre-tokenizer
 @needs_llama_cpp
 def test_unrecognized_pre_tokenizer_names_hash_and_recipe_key(mini_model, tmp_path):
-    from pipeline.core.runner import execute
-
-    plan = _plan(tmp_path, mini_model, "  - {name: mygguf, kind: gguf, quants: [Q8_0]}\n")
-    stages = [s for s in plan.stages if s.name in ("source", "mygguf/convert")]
-    result = execute(stages, tmp_path / "artifacts", log=lambda m: None)["mygguf/convert"]
+    result = _convert(tmp_path, mini_model, "  - {name: mygguf, kind: gguf, quants: [Q8_0]}\n", "mygguf")
     assert result.status == "failed"
     assert "targets[0].pre_tokenizer: gpt-2" in result.reason and "'mygguf'" in result.reason
     chkhsh = result.reason.split("chkhsh ")[1].split(")")[0]
@@ -243,12 +248,8 @@ def test_float_gguf_perplexity_equals_hf(built, mini_model, heldout_text, quant)
 # ------------------------------------------------------------------ errors
 @needs_llama_cpp
 def test_wrong_pre_tokenizer_fails_at_first_differing_token(mini_model, tmp_path):
-    from pipeline.core.runner import execute
-
     # 'default' splits "'s" off differently from GPT-2's regex: llama.cpp then disagrees with HF.
-    plan = _plan(tmp_path, mini_model, "  - {name: g, kind: gguf, pre_tokenizer: default, quants: [Q8_0]}\n")
-    stages = [s for s in plan.stages if s.name in ("source", "g/convert")]
-    result = execute(stages, tmp_path / "artifacts", log=lambda m: None)["g/convert"]
+    result = _convert(tmp_path, mini_model, "  - {name: g, kind: gguf, pre_tokenizer: default, quants: [Q8_0]}\n", "g")
     assert result.status == "failed"
     assert "tokenizes differently from the HF tokenizer at token " in result.reason
     assert "'default' does not reproduce this tokenizer" in result.reason
