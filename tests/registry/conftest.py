@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.report import Report, read_report, report_path
+from pipeline.core.store import MANIFEST, file_table, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE_ARTIFACTS = REPO / ".pytest_cache" / "quantforge" / "artifacts"
@@ -156,3 +157,25 @@ def snapshot(client, experiment_id: str, model_prefix: str, files_root: Path) ->
         "aliases": {m.name: dict(m.aliases) for m in client.search_registered_models(f"name LIKE '{model_prefix}%'")},
         "files": {str(p): p.stat().st_mtime_ns for p in files_root.rglob("*") if p.is_file()},
     }
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """sha256 per file of a stored folder (its manifest included when there is one)."""
+    files = {row["path"]: row["sha256"] for row in file_table(folder)}  # file_table leaves out the manifest
+    if (folder / MANIFEST).is_file():
+        files[MANIFEST] = sha256_file(folder / MANIFEST)
+    return files
+
+
+def download_tree(uri: str, source: str, dst: Path) -> dict[str, str]:
+    """What MLflow serves at ``source``, downloaded into ``dst``: its files' sha256."""
+    import mlflow.artifacts
+
+    return tree(Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri)))
+
+
+def store_tree(path: str) -> dict[str, str]:
+    """A stored artifact's files' sha256 (a stored artifact always has its manifest)."""
+    files = tree(Path(path))
+    assert MANIFEST in files, f"{path} has no {MANIFEST}"
+    return files

@@ -12,27 +12,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.report import read_report
-from pipeline.core.store import file_table, sha256_file
 from pipeline.errors import StageFailed
 from pipeline.registry.parts import PARTS_DIR, REPORT_ARTIFACT, REPORT_TAG
 from pipeline.registry.register import register_report
 from pipeline.registry.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, tracking_uri_for
-from tests.registry.conftest import QUANTFORGE, REPO, Log, client_for, quiet, snapshot
+from tests.registry.conftest import QUANTFORGE, REPO, Log, client_for, download_tree, quiet, snapshot, store_tree
 from tests.registry.reports import FP8, GGUF, own_copies, rebuilt, variant, with_device, write
-
-
-def download_tree(uri: str, source: str, dst: Path) -> dict[str, str]:
-    import mlflow.artifacts
-
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
-    tree = {row["path"]: row["sha256"] for row in file_table(root)}  # file_table leaves out manifest.json
-    if (root / "manifest.json").is_file():
-        tree["manifest.json"] = sha256_file(root / "manifest.json")
-    return tree
-
-
-def store_tree(path: str) -> dict[str, str]:
-    return {**{row["path"]: row["sha256"] for row in file_table(Path(path))}, "manifest.json": sha256_file(Path(path) / "manifest.json")}
 
 
 def test_registration_matches_the_real_report_and_is_idempotent(store_dir, report, plots_dir, tmp_path):

@@ -16,24 +16,12 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.report import Report, read_report, report_digest
-from pipeline.core.store import MANIFEST, file_table, sha256_file, verify_folder
+from pipeline.core.store import MANIFEST, verify_folder
 from pipeline.registry import parts as P
 from pipeline.registry.promotion import decide
 from pipeline.registry.register import register_report
-from tests.registry.conftest import QUANTFORGE, REPO, Server, client_for, quiet, snapshot
+from tests.registry.conftest import QUANTFORGE, REPO, Server, client_for, download_tree, quiet, snapshot, store_tree
 from tests.registry.reports import FP8, GGUF, evaluated_on, rebuilt, variant, write
-
-
-def download_tree(uri: str, source: str, dst: Path) -> dict[str, str]:
-    import mlflow.artifacts
-
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=uri))
-    return {**{row["path"]: row["sha256"] for row in file_table(root)},
-            **({MANIFEST: sha256_file(root / MANIFEST)} if (root / MANIFEST).is_file() else {})}
-
-
-def store_tree(path: str) -> dict[str, str]:
-    return {**{row["path"]: row["sha256"] for row in file_table(Path(path))}, MANIFEST: sha256_file(Path(path) / MANIFEST)}
 
 
 def register_cli(path: Path, uri: str, **kw) -> subprocess.CompletedProcess:
