@@ -34,7 +34,7 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda n: points[n])
 
 
-def recommend(report: Report, device: str, criterion: str = "smallest", spec_for=None) -> Recommendation:
+def recommend(report: Report, device: str, criterion: str, spec_for) -> Recommendation:
     """`spec_for(target)` gives an artifact's gate thresholds (the recipe's with its overrides);
     an artifact is a candidate on `device` when every check passes on that device's results,
     whether or not the recipe requires that device for promotion."""
@@ -56,11 +56,7 @@ def recommend(report: Report, device: str, criterion: str = "smallest", spec_for
         if c is None or m.kl_mean is None:
             continue
         points[a.name] = (c, m.kl_mean)
-        if spec_for is not None:
-            passed_here = evaluate_gates(spec_for(a.target), [device], {device: ev}).passed is True
-        else:
-            passed_here = a.gates is not None and a.gates.per_device().get(device) is True
-        if passed_here:
+        if evaluate_gates(spec_for(a.target), [device], {device: ev}).passed is True:
             recovery = m.task_recovery_pct if m.task_recovery_pct is not None else 0.0
             candidates.append((c, m.kl_mean, -recovery, a.name))
     front = pareto_front(points)

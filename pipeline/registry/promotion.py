@@ -74,17 +74,6 @@ def decide(report: Report) -> Report:
         return out
     judge(out, recipe)
     return out
-    required = required_devices(recipe)
-    for a in out.built():
-        try:
-            spec = recipe.gates_for(a.target)
-        except KeyError:  # an artifact of a target since removed from the recipe
-            spec = recipe.gates
-        a.gates = evaluate_gates(spec, required, a.evals)
-    for device, info in out.devices.items():
-        if info.status == "done":
-            out.recommendations[device] = recommend(out, device, recipe.gates.recommend)
-    return out
 
 
 def recommended_on(report: Report, artifact: str) -> dict[str, bool]:

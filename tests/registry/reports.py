@@ -31,14 +31,12 @@ evals: {devices: [cpu], max_windows: 4, context: 128}
 
 
 def decide(report: Report) -> None:
-    """Gates and recommendations as the eval job decides them, for the report's recipe and evals."""
-    from evals.gates import evaluate_gates, required_devices
-    from evals.recommend import recommend
+    """Gates and recommendations as the eval job decides them, for the report's recipe and evals
+    (recommendations only for the devices the report now has)."""
+    from evals.gates import judge
 
-    recipe = Recipe.model_validate(report.recipe_config)
-    for a in report.built():
-        a.gates = evaluate_gates(recipe.gates_for(a.target), required_devices(recipe), a.evals)
-    report.recommendations = {d: recommend(report, d, recipe.gates.recommend) for d, i in report.devices.items() if i.status == "done"}
+    report.recommendations = {}
+    judge(report, Recipe.model_validate(report.recipe_config))
 
 
 def variant(base: Report, name: str, *, devices: list[str] | None = None, gates: dict | None = None, registry: dict | None = None,
