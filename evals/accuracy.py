@@ -50,8 +50,8 @@ SCORING = "second half of each window (as llama-perplexity)"
 
 
 # ------------------------------------------------------------------ metrics
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
+def log_softmax(logits: np.ndarray, dtype=np.float64) -> np.ndarray:
+    x = np.asarray(logits, dtype=dtype)
     m = x.max(axis=-1, keepdims=True)
     return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 

@@ -67,9 +67,3 @@ def missing_module_reason(module: str, pip_name: str) -> str | None:
     if importlib.util.find_spec(module) is None:
         return f"{pip_name} is not installed ({module} does not import)"
     return None
-
-
-def log_softmax_np(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float32, copy=False)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))

@@ -1,8 +1,8 @@
 """GGUF files through the llama_cpp Python binding (llama-cpp-python), CPU or CUDA.
 
-CUDA is used only when the binding was built with GPU offload
-(``llama_supports_gpu_offload``); otherwise a CUDA device is a skip with that
-reason. llama.cpp runs the quantized types natively (``dequantized: false``).
+CUDA is used only when quantforge's llama.cpp build is a CUDA build (its VERSION
+file says so); otherwise a CUDA device is a skip with that reason. llama.cpp runs
+the quantized types natively (``dequantized: false``).
 
 Accuracy opens the model with ``logits_all=True`` (a logits row for every
 position); speed opens it without, and reads the last row through
@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from evals.runtimes.base import Runtime, Session, log_softmax_np, missing_module_reason
+from evals.accuracy import log_softmax
+from evals.runtimes.base import Runtime, Session
 
 
 def gguf_file(path: Path) -> Path:
@@ -97,7 +98,7 @@ class LlamaCppSession(Session):
     def window_logprobs(self, ids: Sequence[int], first: int) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(list(ids))
-        return log_softmax_np(np.array(self.llm.scores[first : len(ids) - 1], dtype=np.float32))
+        return log_softmax(np.array(self.llm.scores[first : len(ids) - 1], dtype=np.float32), np.float32)
 
     def _decode(self, tokens: list[int]) -> None:
         # The C API directly (llama_batch_get_one + llama_decode), as llama-bench does: the

@@ -61,11 +61,7 @@ from lm_eval import utils as lm_utils  # noqa: E402
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 
-
-def _log_softmax_rows(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64, copy=False)
-    m = x.max(axis=-1, keepdims=True)
-    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+from evals.accuracy import log_softmax  # noqa: E402
 
 
 @register_model("quantforge-llamacpp", "qf-llamacpp")
@@ -241,7 +237,7 @@ class LlamaCppLM(TemplateLM):
 
     @staticmethod
     def _finish(logits: np.ndarray, cont: list[int]) -> tuple[float, bool]:
-        logp = _log_softmax_rows(logits)
+        logp = log_softmax(logits)
         c = np.asarray(cont, dtype=np.int64)
         return float(logp[np.arange(len(c)), c].sum()), bool((logits.argmax(axis=-1) == c).all())
 
