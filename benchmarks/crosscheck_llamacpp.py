@@ -102,14 +102,11 @@ def aligned_accuracy(path: Path, ids: list[int], context: int, chunks: int, thre
 
 def quantforge_speed(path: Path, threads: int, gen: int, device: str, work: Path) -> dict:
     """The eval's speed measurement in its own process, as the eval worker runs it."""
-    from evals.speed import thread_env
-
     out = work / f"speed-{path.stem}.json"
     cmd = [sys.executable, "-m", "evals.speed", "--runtime", "llama_cpp", "--path", path, "--device", device,
            "--threads", threads, "--prompt-lengths", 1, "--decode-tokens", gen + 1, "--warmup", 1,
            "--min-iterations", 5, "--min-seconds", 2, "--out", out]
-    env = {**thread_env(threads), **{k: v for k, v in child_env().items() if k == "PYTHONPATH"}}
-    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, env=env)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, env=child_env(threads=threads))
     data = json.loads(out.read_text())
     run = next(r for r in data["runs"] if r.get("status") == "done")
     return {"decode_tps": run["decode_tps"]["median"], "decode_tps_max": run["decode_tps"]["max"], "n": run["decode_tps"]["n"],

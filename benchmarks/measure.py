@@ -385,10 +385,11 @@ def quantforge_cli() -> list[str]:
     return [sys.executable, "-m", "pipeline.cli.main"]
 
 
-def child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+def child_env(extra: dict | None = None, threads: int | None = None) -> dict:
+    """quantforge's child environment (pipeline.core.proc), unbuffered so progress shows as it happens."""
+    from pipeline.core.proc import child_env as qf_child_env
+
+    env = qf_child_env(threads=threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.update(extra or {})
     return env

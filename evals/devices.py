@@ -93,11 +93,6 @@ def present_devices() -> list[str]:
     return out
 
 
-def torch_device(device: str) -> str:
-    """The torch device string a device name runs on."""
-    return "cpu" if device == "cpu" else "cuda"
-
-
 def resolve_devices(requested: str, wanted: list[str]) -> tuple[list[str], list[str]]:
     """(devices to evaluate now, devices of the recipe that are not here).
 

@@ -2,10 +2,9 @@
 
 Decoding one token at batch 1 reads every weight once, so a device cannot
 decode faster than ``bandwidth / bytes read per token``. This module measures
-the bandwidth once per device fingerprint (a large array copy: bytes read +
-bytes written over the time, best of N) and caches it in the store under
-``store/roofline/``; :func:`roofline` turns a decode rate into a percentage of
-that bound.
+the bandwidth (a large array copy: bytes read + bytes written over the time, best
+of N; the eval's bandwidth stage runs it once per device fingerprint, cached in the
+store); :func:`roofline` turns a decode rate into a percentage of that bound.
 
 Caveats, recorded with each number: on CPU the copy runs on one thread (numpy's
 copy is single-threaded), the right bound for the 1-thread decode runs used on
@@ -16,11 +15,8 @@ exceed 100% of the DRAM bound.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
-ROOFLINE_VERSION = "1"
 CPU_BYTES = 256 << 20  # well above any last-level cache of the CPUs here
 CUDA_BYTES = 1 << 30
 REPEATS = 5
@@ -58,29 +54,6 @@ def measure_bandwidth(device: str) -> dict:
         del src, dst
         torch.cuda.empty_cache()
     return {"bandwidth_gbs": round(nbytes / best / 1e9, 2), "method": method}
-
-
-def device_bandwidth(artifacts_dir: Path, device: str, fingerprint_hash: str, log=print) -> dict:
-    """The device's bandwidth, measured once per fingerprint and cached in the store."""
-    import hashlib
-
-    from pipeline.core.store import Store
-
-    store = Store(artifacts_dir)
-    key = hashlib.sha256(json.dumps({"roofline": ROOFLINE_VERSION, "device": fingerprint_hash}).encode()).hexdigest()
-    found = store.get("roofline", key)
-    if found:
-        return found["result"]
-    with store.lock(key):
-        found = store.get("roofline", key)
-        if found:
-            return found["result"]
-        log(f"[roofline] measuring {device} memory bandwidth (once per device fingerprint)")
-        result = {**measure_bandwidth(device), "fingerprint": fingerprint_hash}
-        tmp = store.new_tmp("roofline", key)
-        (tmp / "bandwidth.json").write_text(json.dumps(result, indent=2))
-        store.commit(tmp, "roofline", key, {"stage": "roofline", "result": result})
-        return result
 
 
 def roofline(decode_tps: float | None, bytes_per_token: int | None, bandwidth_gbs: float | None) -> dict:

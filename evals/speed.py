@@ -166,14 +166,6 @@ def headline(speed: dict) -> dict:
     return {}
 
 
-def thread_env(threads: int) -> dict:
-    env = dict(os.environ)
-    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[k] = str(threads)
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
-
-
 def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
