@@ -183,12 +183,13 @@ class Store:
         return verify_folder(self.path_for(kind, key), manifest)
 
 
-def verify_folder(root: Path, manifest: dict) -> list[str]:
+def verify_folder(root: Path, manifest: dict, content_sha256: str | None = None) -> list[str]:
     """The one manifest verifier: what differs between a folder and its manifest's file table.
 
     Names each file that is missing, has another size or another sha256, each file the
-    manifest does not list, and a file table that does not hash to the manifest's
-    content_sha256.
+    manifest does not list, a file table that does not hash to the manifest's
+    content_sha256, and, given the ``content_sha256`` a build recorded for the folder, a
+    manifest that is not that build's.
     """
     problems = []
     rows = manifest.get("files") or []
@@ -208,6 +209,8 @@ def verify_folder(root: Path, manifest: dict) -> list[str]:
         problems.append(f"files not in the manifest: {', '.join(extra[:5])}")
     if manifest.get("content_sha256") and content_hash(rows) != manifest["content_sha256"]:
         problems.append("the manifest's file table does not hash to its content_sha256")
+    if content_sha256 and manifest.get("content_sha256") != content_sha256:
+        problems.append("its manifest is not the one the build recorded")
     return problems
 
 

@@ -328,9 +328,7 @@ class Registration:
         self.registered_model(name, a)
         mv = canonical_version(self.client, name, a.content_sha256)
         if mv is None:
-            problems = verify_folder(folder, manifest)
-            if manifest.get("content_sha256") != a.content_sha256:
-                problems.append("its manifest is not the one the build recorded")
+            problems = verify_folder(folder, manifest, a.content_sha256)  # set: run() registers only artifacts with one
             if problems:
                 raise StageFailed(f"{a.name}: the files in {folder} changed since the build: " + "; ".join(problems[:5])
                                   + "; nothing was uploaded and no model version was created (build it again)")
@@ -497,18 +495,10 @@ class Registration:
         self.log(f"register: {a.name}: download verified ({len(manifest.get('files', []))} files match the manifest)")
 
     # ------------------------------------------------------ convergence
-    def view(self, experiment_id: str, parent) -> tuple[list[str], Report]:
-        names = P.list_parts(self.client, parent.info.run_id)
-        parts = []
-        for n in names:
-            try:
-                parts.append(self.parts.get(parent.info.run_id, n))
-            except P.PartUnreadable as exc:  # unreadable for every reader alike: left out by all
-                self.log(f"register: {exc}; left out of the merge")
-        merged = P.merge_parts(parts)
-        if merged is None:  # a build run registered by quantforge 0.1: its report.json
-            merged = P.read_view(self.client, parent.info.run_id, self.log) or P.part_of(self.report)
-        return names, promotion.decide(merged)
+    def view(self, parent) -> tuple[list[str], Report]:
+        run_id = parent.info.run_id
+        names, merged = P.merged_view(self.client, run_id, lambda n: self.parts.get(run_id, n), self.log, "register")
+        return names, promotion.decide(merged if merged is not None else P.part_of(self.report))
 
     def converge(self, experiment_id: str, mine: Report) -> None:
         """Upload this job's part, then apply the merge of all parts until no job adds one meanwhile."""
@@ -521,7 +511,7 @@ class Registration:
             names = P.list_parts(self.client, parent.info.run_id)
             if P.upload_part(self.client, parent.info.run_id, mine, names):
                 self.counts["parts_uploaded"] += 1
-            names, merged = self.view(experiment_id, parent)
+            names, merged = self.view(parent)
             state = (parent.info.run_id, tuple(names))
             if state == seen:
                 break
