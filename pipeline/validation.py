@@ -152,14 +152,12 @@ def _unique(problems: list[Problem]) -> list[Problem]:
     return out
 
 
-def validate_all(paths: list[Path]) -> list[LoadedRecipe]:
-    """Validate every file; raise one InvalidInput carrying every problem of every file."""
+def validate_all(paths: list[Path]) -> tuple[list[tuple[Path, LoadedRecipe]], list[Problem]]:
+    """Every file checked as a build checks it: (each file that passed, with its recipe), every problem of every file."""
     loaded, problems = [], []
     for p in paths:
         try:
-            loaded.append(load_recipe(p))
+            loaded.append((p, load_recipe(p)))
         except InvalidInput as exc:
             problems.extend(exc.problems)
-    if problems:
-        raise InvalidInput(problems)
-    return loaded
+    return loaded, problems

@@ -11,37 +11,31 @@ from typing import Callable
 from pipeline.core.report import read_report, report_path
 from pipeline.errors import EXIT_GATE_FAILED, EXIT_OK, EXIT_STAGE_FAILED, InvalidInput
 from pipeline.recipe import LoadedRecipe
-from pipeline.validation import load_recipe, validate_all  # noqa: F401 - validate_all is the validate command's
+from pipeline.validation import load_recipe
 
 Log = Callable[[str], None]
 
 
-def validate_report(paths: list[Path]) -> dict:
-    """Every recipe checked; {"ok", "recipes": [...], "problems": [...]}; InvalidInput only without --json callers."""
-    from pipeline.validation import recipe_problems
-    from pipeline.recipe import parse_recipe
+def validate_report(paths: list[Path]) -> tuple[dict, list]:
+    """Every recipe checked: ({"ok", "recipes": [...], "problems": [...]} for --json, the problems)."""
+    from pipeline.validation import validate_all
 
-    recipes, problems = [], []
-    for p in paths:
-        try:
-            loaded = parse_recipe(p)
-            found = recipe_problems(loaded)
-        except InvalidInput as exc:
-            problems += exc.problems
-            continue
-        if found:
-            problems += found
-            continue
-        recipes.append({"file": str(p), "name": loaded.recipe.name, "targets": len(loaded.recipe.targets),
-                        "sha256": loaded.recipe.sha256()})
+    loaded, problems = validate_all(paths)
+    recipes = [{"file": str(p), "name": lr.recipe.name, "targets": len(lr.recipe.targets), "sha256": lr.recipe.sha256()}
+               for p, lr in loaded]
     result = {"ok": not problems, "recipes": recipes,
               "problems": [{"file": q.file, "line": q.line, "path": q.path, "message": q.message} for q in problems]}
-    return result
+    return result, problems
+
+
+def report_file(path: Path, artifacts_dir: Path) -> Path:
+    """Where the report of a recipe is (the path itself for a report.json)."""
+    return Path(path) if Path(path).suffix == ".json" else report_path(artifacts_dir, load_recipe(path, check_source=False).recipe.name)
 
 
 def load_report(path: Path, artifacts_dir: Path):
     """The report of a recipe (or a report.json path); InvalidInput when there is none yet."""
-    rpath = Path(path) if Path(path).suffix == ".json" else report_path(artifacts_dir, load_recipe(path, check_source=False).recipe.name)
+    rpath = report_file(path, artifacts_dir)
     report = read_report(rpath)
     if report is None:
         raise InvalidInput(f"{rpath} not found: run `quantforge run` (or build and eval) for this recipe first")
@@ -97,11 +91,14 @@ def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str,
 
 
 def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
+    return _build(load_recipe(recipe_path), artifacts_dir, targets, log)
+
+
+def _build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
     from pipeline.build import build
     from pipeline.cli.tables import print_build_summary, stage_progress
 
     artifacts_dir = Path(artifacts_dir).resolve()
-    loaded = load_recipe(recipe_path)
     with stage_progress() as progress:
         report, results = build(loaded, artifacts_dir, targets, log=log, progress=progress)
     print_build_summary(report, results, report_path(artifacts_dir, loaded.recipe.name))
@@ -109,11 +106,14 @@ def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None,
 
 
 def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log) -> int:
+    return _eval(load_recipe(recipe_path), recipe_path, artifacts_dir, device, fail_on_gate, log)
+
+
+def _eval(loaded: LoadedRecipe, recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log) -> int:
     from evals.present import print_eval_tables
     from evals.run import evaluate
     from pipeline.build import ensure_source
 
-    loaded = load_recipe(recipe_path)
     if read_report(report_path(artifacts_dir, loaded.recipe.name)) is None:
         raise InvalidInput(f"no report for {loaded.recipe.name!r} under {artifacts_dir}: run `quantforge build {recipe_path}` (or `quantforge pull`) first")
     ensure_source(loaded, artifacts_dir, log)
@@ -133,13 +133,12 @@ def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: 
 
 
 def run_register(path: Path, artifacts_dir: Path, tracking_uri: str | None, log: Log) -> int:
+    return _register(report_file(path, artifacts_dir), tracking_uri, log)
+
+
+def _register(rpath: Path, tracking_uri: str | None, log: Log) -> int:
     from pipeline.registry.register import register_report
 
-    if path.suffix == ".json":
-        rpath = path
-    else:
-        loaded = load_recipe(path, check_source=False)
-        rpath = report_path(artifacts_dir, loaded.recipe.name)
     if not rpath.is_file():
         raise InvalidInput(f"{rpath} not found: build (and evaluate) before registering")
     if _registered_already(rpath, tracking_uri):
@@ -156,15 +155,16 @@ def _registration_state(rpath: Path, tracking_uri: str | None) -> dict | None:
     import os
 
     from pipeline.core.report import report_digest
+    from pipeline.registry.tracking import local_db, tracking_uri_for
 
     if tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return None
-    db = rpath.parent.parent / "mlflow" / "mlflow.db"
+    db = local_db(tracking_uri_for(rpath.parent.parent))  # the store register_report writes to
     report = read_report(rpath)
     if report is None or not db.is_file():
         return None
     st = db.stat()
-    return {"report": report_digest(report), "db": str(db.resolve()), "db_size": st.st_size, "db_mtime_ns": st.st_mtime_ns}
+    return {"report": report_digest(report), "db": str(db), "db_size": st.st_size, "db_mtime_ns": st.st_mtime_ns}
 
 
 def _registered_already(rpath: Path, tracking_uri: str | None) -> bool:
@@ -203,12 +203,13 @@ def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: b
     """Build, evaluate, register. A failed target does not stop the others: what built is
     evaluated and registered (the failure is recorded on the build run), and the exit code
     still says a stage failed."""
-    code = run_build(recipe_path, artifacts_dir, None, log)
-    eval_code = run_eval(recipe_path, artifacts_dir, device, fail_on_gate, log)
+    loaded = load_recipe(recipe_path)  # once: the checks read the source's config and the calibration text
+    rpath = report_path(artifacts_dir, loaded.recipe.name)
+    code = _build(loaded, artifacts_dir, None, log)
+    eval_code = _eval(loaded, recipe_path, artifacts_dir, device, fail_on_gate, log)
     if register:
-        run_register(recipe_path, artifacts_dir, tracking_uri, log)
-    name = load_recipe(recipe_path, check_source=False).recipe.name
-    log(f"done: report {report_path(artifacts_dir, name)} (and report.html beside it)")
+        _register(rpath, tracking_uri, log)
+    log(f"done: report {rpath} (and report.html beside it)")
     if code != EXIT_OK:
         log("a stage failed (see the build table above): the targets that built were evaluated and registered")
         return code

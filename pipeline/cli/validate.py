@@ -15,18 +15,17 @@ def validate(
     json_: bool = Json,
 ) -> None:
     """Check recipes; report every problem at once as FILE:LINE: path: message (exit 2)."""
+    from pipeline.errors import EXIT_INVALID_INPUT, InvalidInput
     from pipeline.workflow import validate_report
 
     with exits():
-        result = validate_report(recipe)
+        result, problems = validate_report(recipe)
         if json_:
             print_json(result)
-            if not result["ok"]:
-                raise typer.Exit(2)
+            if problems:
+                raise typer.Exit(EXIT_INVALID_INPUT)
             return
-        if not result["ok"]:
-            from pipeline.errors import InvalidInput, Problem
-
-            raise InvalidInput([Problem(file=q["file"], path=q["path"], message=q["message"], line=q["line"]) for q in result["problems"]])
+        if problems:
+            raise InvalidInput(problems)
         for r in result["recipes"]:
             console.print(f"ok: {r['file']} ({r['targets']} targets, sha256 {r['sha256'][:12]})", markup=False)
