@@ -128,6 +128,24 @@ def merge_parts(parts: list[Report]) -> Report | None:
     return merged
 
 
+def merged_view(client: Any, run_id: str, read: Callable[[str], Report], log: Callable[[str], Any],
+                who: str) -> tuple[list[str], Report | None]:
+    """(the build run's part names, every readable part merged): the one view registration and pull
+    both decide on. A part no reader can read is left out by all alike; without parts, the run's
+    report.json view (a build run registered by quantforge 0.1); None when neither is readable."""
+    names = list_parts(client, run_id)
+    parts = []
+    for n in names:
+        try:
+            parts.append(read(n))
+        except PartUnreadable as exc:
+            log(f"{who}: {exc}; left out of the merge")
+    merged = merge_parts(parts)
+    if merged is None:
+        merged = read_view(client, run_id, log)
+    return names, merged
+
+
 def read_view(client: Any, run_id: str, log: Callable[[str], Any]) -> Report | None:
     """The build run's report.json view (what quantforge 0.1 wrote instead of parts), or None."""
     from mlflow.exceptions import MlflowException

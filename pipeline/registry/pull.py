@@ -84,16 +84,8 @@ class Pull:
         raise InvalidInput(f"recipe {self.recipe!r} in {self.uri} has no build run with a report: run `quantforge register` for it again")
 
     def remote_report(self, run) -> Report:
-        names = P.list_parts(self.client, run.info.run_id)
-        parts = []
-        for n in names:
-            try:
-                parts.append(P.read_part(self.client, run.info.run_id, n))
-            except P.PartUnreadable as exc:  # what registration leaves out too
-                self.log(f"pull: {exc}; left out of the merge")
-        merged = P.merge_parts(parts)
-        if merged is None:
-            merged = P.read_view(self.client, run.info.run_id, self.log)
+        run_id = run.info.run_id
+        _, merged = P.merged_view(self.client, run_id, lambda n: P.read_part(self.client, run_id, n), self.log, "pull")
         if merged is None:
             raise StageFailed(f"build run {run.info.run_id} of {self.recipe!r} in {self.uri}: no readable report")
         return promotion.decide(merged)
