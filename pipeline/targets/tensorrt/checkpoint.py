@@ -354,13 +354,14 @@ def write_model_card(out_dir: Path, *, quant: str, kv_cache_quant: str | None, s
     model and its exact revision from the source stage's lineage (pipeline.targets.cards),
     never a local path.
     """
-    from pipeline.targets.cards import source_identity, usage_sections
+    from pipeline.targets.cards import MODELOPT_FLAGS, source_identity, usage_sections
 
     ident = source_identity(source)
     _, hf_quant = read_quant_config(out_dir)
     q = hf_quant.get("quantization", {})
     algo = q.get("quant_algo")
-    served_by_vllm = algo in ("FP8", "NVFP4")
+    vllm_flag = MODELOPT_FLAGS.get(algo) if algo else None  # vLLM's --quantization for this format, as the cards say
+    served_by_vllm = vllm_flag is not None
     lines = [
         f"# {ident.name}: NVIDIA ModelOpt {algo} checkpoint",
         "",
@@ -378,7 +379,7 @@ def write_model_card(out_dir: Path, *, quant: str, kv_cache_quant: str | None, s
         "",
         *usage_sections("tensorrt-checkpoint", model=ident.name, quant_algo=algo, notes=[
             "From Python: TensorRT-LLM `from tensorrt_llm import LLM; LLM(model=\"DIR\")` (PyTorch backend)"
-            + ("; vLLM `LLM(model=\"DIR\", quantization=\"" + ("modelopt" if algo == "FP8" else "modelopt_fp4") + "\")`" if served_by_vllm else "")
+            + (f"; vLLM `LLM(model=\"DIR\", quantization=\"{vllm_flag}\")`" if served_by_vllm else "")
             + ".",
             "",
             *([] if served_by_vllm else [f"vLLM and SGLang do not list ModelOpt {algo} among the formats they load: serve it with TensorRT-LLM.", ""]),
