@@ -42,6 +42,7 @@ IDS_FILE = "ids.npy"
 
 
 def device_class(device: str) -> str:
+    """The key of a kind's runtimes-per-device map: ``cpu``, or ``cuda`` for any GPU class."""
     return "cpu" if device == "cpu" else "cuda"
 
 
@@ -99,6 +100,10 @@ class EvalContext:
     fingerprint_hash: str
     suite: Any  # pipeline.data.suites.Suite
     threads: int
+    #: lm-eval tasks: where their files are on this machine (never in a key) and what keys them
+    #: (names, limit, a fingerprint of their content); worked out once, shared by every stage
+    task_include: list[str]
+    task_params: dict | None
 
     @property
     def spec(self):
@@ -112,8 +117,16 @@ def eval_context(loaded, device: str) -> EvalContext:
     recipe = loaded.recipe
     fp = fingerprint(device)
     suite = load_suite(recipe.evals.suite, base_dir=loaded.path.parent, column=recipe.evals.column)
+    include, task_params = [], None
+    if recipe.evals.tasks:
+        from evals import tasks
+
+        include, names = tasks.resolve(recipe.evals.tasks, loaded.path.parent)
+        task_params = {"names": names, "limit": recipe.evals.task_limit,
+                       "fingerprint": tasks.fingerprint(recipe.evals.tasks, loaded.path.parent)}
     return EvalContext(loaded=loaded, device=device, fingerprint=fp, fingerprint_hash=fingerprint_hash(fp),
-                       suite=suite, threads=recipe.evals.speed.threads or cpu_threads_default())
+                       suite=suite, threads=recipe.evals.speed.threads or cpu_threads_default(),
+                       task_include=include, task_params=task_params)
 
 
 def _runtime_tools(*names: str | None) -> dict[str, str]:
@@ -136,21 +149,9 @@ def _common_params(ec: EvalContext, choice: RuntimeChoice) -> dict:
         "accuracy_runtime": choice.accuracy,
         "speed_runtime": choice.speed,
     }
-    if s.tasks and choice.accuracy:
-        from evals.tasks import fingerprint, resolve
-
-        _, names = resolve(s.tasks, ec.loaded.path.parent)
-        params["tasks"] = {"names": names, "limit": s.task_limit, "fingerprint": fingerprint(s.tasks, ec.loaded.path.parent)}
+    if ec.task_params is not None and choice.accuracy:
+        params["tasks"] = dict(ec.task_params)
     return params
-
-
-def _task_include(ec: EvalContext) -> list[str]:
-    """Where the task files are on this machine (a path: never in a key; their content is, via the fingerprint)."""
-    if not ec.spec.tasks:
-        return []
-    from evals.tasks import resolve
-
-    return resolve(ec.spec.tasks, ec.loaded.path.parent)[0]
 
 
 def source_stage_name(device: str) -> str:
@@ -168,7 +169,7 @@ def eval_stages(ec: EvalContext, report) -> list[Stage]:
         version=EVAL_VERSION,
         params=_common_params(ec, src_choice),
         run=partial(run_model_eval, path=source_path, choice=src_choice, is_source=True, suite_text=ec.suite.text,
-                    task_include=_task_include(ec)),
+                    task_include=ec.task_include),
         tools=_runtime_tools(src_choice.accuracy, src_choice.speed),
         device_fingerprint=ec.fingerprint_hash,
         external_key=report.source.fingerprint or str(source_path),
@@ -188,7 +189,7 @@ def eval_stages(ec: EvalContext, report) -> list[Stage]:
             params={**_common_params(ec, choice), "artifact_kind": a.kind},
             inputs={} if choice.accuracy is None else {"reference": src.name},
             run=partial(run_model_eval, path=Path(a.path), choice=choice, is_source=False, suite_text=ec.suite.text,
-                        task_include=_task_include(ec)),
+                        task_include=ec.task_include),
             tools=_runtime_tools(choice.accuracy, choice.speed),
             device_fingerprint=ec.fingerprint_hash,
             external_key=a.content_sha256 or a.stage_key or a.path,
