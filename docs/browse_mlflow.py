@@ -27,11 +27,9 @@ each also checked in the rendered page (the DOM after the page's scripts ran):
 * ``mlflow-ui-version.png`` the recommended model version: aliases, download and serve commands;
 * ``mlflow-models.png``   the registered models and their aliases.
 
-Nothing is selected by hand: the runs view opens the experiment's shared view when the
-registry wrote one (``mlflow.sharedViewState.<key>`` on the experiment, opened with
-``?viewStateShareKey=<key>``, the UI's "share view" links) and otherwise the same view
-(:func:`formats_view`) as the UI's saved per-experiment state, which a loopback proxy puts
-into the page's localStorage (headless ``--screenshot`` runs no script of ours first).
+Nothing is selected by hand: the runs view opens with :func:`formats_view` as the UI's saved
+per-experiment state, which a loopback proxy puts into the page's localStorage (headless
+``--screenshot`` runs no script of ours first).
 """
 
 from __future__ import annotations
@@ -77,7 +75,6 @@ UI_FLAGS = {
 # under this key (MLflow 3.17: LocalStorageUtils.getStoreForComponent("ExperimentPage",
 # JSON of the sorted experiment ids), version "1.1").
 EXPERIMENT_STATE_KEY = "MLflowLocalStorage-1.1-ExperimentPage-{ids}-ReactComponentState"
-SHARED_VIEW_TAG = "mlflow.sharedViewState."
 #: the metrics shown per device, in this order (names of pipeline.core.report.Metrics)
 VIEW_METRICS = ("delta_ppl_pct", "kl_mean", "top1_agreement_pct", "decode_tps")
 
@@ -362,14 +359,12 @@ def screenshots(reg: Registry, ui: str, out_dir: Path, budget_ms: int) -> list[s
     problems: list[str] = []
     exp = reg.experiment_id
     names = [r["info"].get("run_name", "") for r in reg.children]
-    shared = next((k[len(SHARED_VIEW_TAG):] for k in reg.exp_tags if k.startswith(SHARED_VIEW_TAG + "quantforge")), None)
-    view = f"viewStateShareKey={urllib.parse.quote(shared)}" if shared else ""
     first = reg.devices[0] if reg.devices else "cpu"
 
-    dom = render(f"{ui}/#/experiments/{exp}/runs" + (f"?{view}" if view else ""), out_dir / "mlflow-ui.png", budget_ms,
+    dom = render(f"{ui}/#/experiments/{exp}/runs", out_dir / "mlflow-ui.png", budget_ms,
                  height=WINDOW[1] - 250, width=1800)
     problems += expect(dom, "runs table", *names, f"{first}.kl_mean", "size_mib")
-    dom = render(f"{ui}/#/experiments/{exp}/runs?compareRunsMode=CHART" + (f"&{view}" if view else ""),
+    dom = render(f"{ui}/#/experiments/{exp}/runs?compareRunsMode=CHART",
                  out_dir / "mlflow-charts.png", max(budget_ms, 60000))
     problems += expect(dom, "chart view", *names, f"Formats side by side on {first}")
     hint = ui_hint(ui, exp, [reg.build_id] + [r["info"]["run_id"] for r in reg.children])
