@@ -107,8 +107,6 @@ def source_stage(loaded: LoadedRecipe) -> Stage:
         return gguf.gguf_stage(path, src.dtype, label=str(path))
     if kind == "local":
         return local.local_stage(loaded.resolve(src.model), src.allow_pickle)
-    if not hub.is_hub_id(src.model):
-        raise InvalidInput(f"{src.model!r} is neither builtin:<name>, an existing folder or .gguf file, nor a hub id org/name")
     return hub.hub_stage(src.model, src.revision, src.allow_pickle)
 
 

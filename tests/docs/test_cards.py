@@ -74,7 +74,8 @@ def test_source_identity_names_the_model_never_a_path(mini_model, smollm2_model,
 
 
 def test_compressed_card_from_a_real_build(real_report):  # noqa: F811
-    from pipeline.targets.compressed.stages import model_card, source_identity as card_source, target_from_params
+    from pipeline.targets.cards import source_identity as card_source
+    from pipeline.targets.compressed.stages import model_card, target_from_params
 
     folder = Path(real_report.artifact("fp8").path)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -350,26 +350,15 @@ def save_artifact(model, source_dir: Path, out_dir: Path) -> None:
         raise StageFailed(f"llm-compressor did not write recipe.yaml into {out_dir}")
 
 
-def source_identity(source):
-    """The source model's name and exact revision for the card (pipeline.targets.cards: no local paths)."""
-    from pipeline.targets.cards import source_identity as identity
-
-    return identity(source)
-
-
 def model_card(target, model_class: str, dtype: str, source, quant_config: dict) -> str:
     """README.md: what was built from what, and how to download and serve it.
 
-    ``source``: a :class:`pipeline.targets.cards.SourceIdentity` (or a dict with ``model``
-    and ``revision``). Measured results are not here: they belong to a recipe's evaluation
+    ``source``: a :class:`pipeline.targets.cards.SourceIdentity` (no local paths). Measured results are not here: they belong to a recipe's evaluation
     (the registry's version description and report.html), this folder to every recipe that
     builds the same thing.
     """
-    from pipeline.targets.cards import SourceIdentity, usage_sections
+    from pipeline.targets.cards import usage_sections
 
-    if isinstance(source, dict):
-        source = SourceIdentity(name=str(source.get("model") or "?"),
-                                revision=f"revision `{source['revision']}`" if source.get("revision") else "revision not recorded")
     params = target.model_dump(mode="json", exclude={"name", "gates", "kind"})
     fmt = quant_config.get("format", storage_format(target))
     label = scheme_label(target)
@@ -475,6 +464,8 @@ def quantize_to(out_dir: Path, target, source_dir: Path, dtype: str, calibration
 
 def run_compressed_stage(ctx: StageContext) -> dict:
     """The stage's run function (see module docstring)."""
+    from pipeline.targets.cards import source_identity
+
     stage = ctx.stage
     target = target_from_params(stage.target or stage.name.split("/")[0], stage.params)
     dtype = stage.params["dtype"]
