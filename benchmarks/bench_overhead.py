@@ -103,7 +103,7 @@ def child_quantforge(spec: dict) -> dict:
     from pipeline.core.plan import make_plan
     from pipeline.core.runner import execute, stage_keys
     from pipeline.core.store import Store
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
     from pipeline.validation import load_recipe
 
     t0 = time.perf_counter()
@@ -131,7 +131,7 @@ def child_quantforge(spec: dict) -> dict:
         return wrapper
 
     proc.run_python = timed(proc.run_python, lambda module, args, *a, **k: f"python -m {module}"
-                            + (f" {list(args)[0]}" if module == "pipeline.targets.gguf.llamacpp" and list(args) else ""))
+                            + (f" {list(args)[0]}" if module == "pipeline.backends.llamacpp" and list(args) else ""))
     llamacpp.run_tool = timed(llamacpp.run_tool, lambda name, *a, **k: name)
 
     def tracked(stage):
@@ -278,7 +278,7 @@ def bench_compressed(name: str, loaded, recipe: Path, artifacts: Path, ctx: dict
 def bench_gguf(name: str, loaded, recipe: Path, artifacts: Path, ctx: dict, repeat: int, work: Path) -> dict:
     from pipeline.data.calibration import load_calibration
     from pipeline.targets import gguf as gguf_kind
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
     from pipeline.targets.gguf.stages import read_gguf, threads
 
     results = ctx["results"]
@@ -348,7 +348,7 @@ def bench_gguf(name: str, loaded, recipe: Path, artifacts: Path, ctx: dict, repe
         direct = best([p["direct"]["steps"].get(stage_name, {}).get("wall_s") for p in runs])
         stage_s = best([s.get("seconds") for s in st])
         tool_s = best([qf_calls(p["quantforge"], tool_of[part]) for p in runs])
-        checks_s = best([qf_calls(p["quantforge"], "python -m pipeline.targets.gguf.llamacpp decode") for p in runs])
+        checks_s = best([qf_calls(p["quantforge"], "python -m pipeline.backends.llamacpp decode") for p in runs])
         rows.append({
             "stage": stage_name, "status": st[0]["status"],
             "direct_s": direct, "qf_tool_s": tool_s, "tool_ratio": ratio(tool_s, direct),

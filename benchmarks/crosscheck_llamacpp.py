@@ -49,7 +49,7 @@ SPEED_TOL_PCT = 10.0
 
 # ------------------------------------------------------------------ the tools
 def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int, ngl: list[str]) -> dict:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
 
     out = llamacpp.run_tool("llama-perplexity", ["-m", gguf, "-f", text_file, "-c", context, "-b", context, "--chunks", chunks,
                                                  "-t", threads, "-tb", threads, *ngl], log=lambda m: None)
@@ -61,7 +61,7 @@ def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, thr
 
 
 def llama_bench(gguf: Path, threads: int, gen: int, reps: int, ngl: list[str]) -> dict:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
 
     out = llamacpp.run_tool("llama-bench", ["-m", gguf, "-p", 0, "-n", gen, "-t", threads, "-r", reps, "-o", "json", *ngl],
                             log=lambda m: None)
@@ -119,7 +119,7 @@ def make_ggufs(a, work: Path) -> tuple[list[tuple[str, Path]], Path | None, str]
     from pipeline.core.plan import make_plan
     from pipeline.core.runner import execute
     from pipeline.data.suites import load_suite
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
     from pipeline.validation import load_recipe
 
     loaded = load_recipe(a.recipe)
@@ -156,7 +156,7 @@ def make_ggufs(a, work: Path) -> tuple[list[tuple[str, Path]], Path | None, str]
 
 
 def resolve_device(device: str) -> str:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
 
     cuda_build = llamacpp.backend().startswith("cuda")
     if device == "auto":
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
     from pipeline.targets.gguf.stages import read_gguf
 
     why = llamacpp.missing(["llama-perplexity", "llama-bench", "llama-quantize"])

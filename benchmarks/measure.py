@@ -108,7 +108,7 @@ def describe(argv: list[str]) -> str:
     if name.startswith("python") and "-m" in argv[:-1]:
         i = argv.index("-m")
         module = argv[i + 1]
-        sub = argv[i + 2] if module == "pipeline.targets.gguf.llamacpp" and len(argv) > i + 2 else ""
+        sub = argv[i + 2] if module == "pipeline.backends.llamacpp" and len(argv) > i + 2 else ""
         return f"python -m {module}" + (f" {sub}" if sub else "")
     if name.startswith("python") and len(argv) > 1:
         script = Path(argv[1]).name

@@ -111,7 +111,7 @@ class EvalContext:
 
 
 def eval_context(loaded, device: str) -> EvalContext:
-    from evals.devices import cpu_threads_default, fingerprint, fingerprint_hash
+    from pipeline.backends.devices import cpu_threads_default, fingerprint, fingerprint_hash
     from pipeline.data.suites import load_suite
 
     recipe = loaded.recipe

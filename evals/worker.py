@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = json.loads(Path(argv[0]).read_text())
     if job.get("runtime") == "llama_cpp":
-        from pipeline.targets.gguf.llamacpp import binding
+        from pipeline.backends.llamacpp import binding
 
         binding()  # before numpy: a CUDA build loaded after it crashed (see llamacpp.binding)
     Path(argv[1]).write_text(json.dumps(run_job(job), indent=2))

@@ -57,7 +57,7 @@ def plan_rows(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None,
 def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str, targets: list[str] | None):
     """The eval stages `quantforge eval` would run here. They are keyed by the artifacts'
     content, known once built: artifacts not built yet show as `after build`."""
-    from evals.devices import resolve_devices
+    from pipeline.backends.devices import resolve_devices
     from evals.stages import eval_context, eval_stages
     from pipeline.core.report import read_report
     from pipeline.core.runner import stage_keys, stage_status
@@ -66,7 +66,7 @@ def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str,
     recipe = loaded.recipe
     report = read_report(report_path(artifacts_dir, recipe.name))
     built_keys = stage_keys(plan.stages)
-    now, pending = resolve_devices(device, recipe.evals.devices)
+    now, pending = resolve_devices(device, recipe.pipeline.backends.devices)
     artifacts = [(s.artifact.name, built_keys[s.name]) for s in plan.stages if s.artifact and (not targets or s.target in targets)]
     rows = []
     for d in now:

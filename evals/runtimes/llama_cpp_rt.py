@@ -35,7 +35,7 @@ def gguf_file(path: Path) -> Path:
 def gguf_weight_bytes(file: Path) -> tuple[int, int]:
     """(bytes of all tensors, bytes read per generated token: all but the token-embedding table,
     of which one row is read, unless it doubles as the output matrix)."""
-    from pipeline.targets.gguf.header import read_header
+    from pipeline.backends.gguf_header import read_header
 
     tensors = read_header(file).tensors
     total = sum(t.n_bytes for t in tensors)
@@ -45,7 +45,7 @@ def gguf_weight_bytes(file: Path) -> tuple[int, int]:
 
 
 def _llama_cpp():
-    from pipeline.targets.gguf.llamacpp import binding
+    from pipeline.backends.llamacpp import binding
 
     return binding()
 
@@ -151,7 +151,7 @@ class LlamaCppRuntime(Runtime):
     dists = ("llama-cpp-python", "gguf")
 
     def unavailable(self, device: str) -> str | None:
-        from pipeline.targets.gguf import llamacpp
+        from pipeline.backends import llamacpp
 
         reason = llamacpp.missing()
         if reason or device == "cpu":
@@ -162,7 +162,7 @@ class LlamaCppRuntime(Runtime):
         return None
 
     def versions(self) -> dict[str, str]:
-        from pipeline.targets.gguf import llamacpp
+        from pipeline.backends import llamacpp
 
         return {**super().versions(), "llama.cpp": llamacpp.version(), "llama.cpp backend": llamacpp.backend()}
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.targets.gguf.llamacpp import binding  # noqa: E402
+from pipeline.backends.llamacpp import binding  # noqa: E402
 
 llama_cpp = binding()  # the llama.cpp build quantforge made: tools and binding share it
 from llama_cpp._internals import LlamaBatch, LlamaContext, LlamaModel  # noqa: E402

@@ -55,7 +55,7 @@ TT_NORMAL, TT_CONTROL, TT_USER_DEFINED = 1, 3, 4
 def precheck(path: Path):
     """Refuse, before any heavy work, what is not a complete GGUF file (InvalidInput naming the file);
     return its header."""
-    from pipeline.targets.gguf.header import HeaderError, read_header
+    from pipeline.backends.gguf_header import HeaderError, read_header
 
     path = Path(path)
     if not path.is_file():
@@ -344,7 +344,7 @@ def check_round_trip(path: Path, folder: Path, log) -> dict:
     """llama.cpp on the original GGUF and transformers on the new folder give the same ids; special
     token ids agree everywhere. In a child process: llama.cpp aborts the process on a broken vocabulary."""
     from pipeline.core.proc import first_error_line, how_it_ended, run_python
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
 
     why = llamacpp.missing()
     if why:
@@ -363,9 +363,9 @@ def check_round_trip(path: Path, folder: Path, log) -> dict:
 
 def _check_child(path: str, folder: str) -> dict:
     """The child's side: llama.cpp loaded first, and no transformers or torch in this process
-    (see pipeline.targets.gguf.llamacpp.binding): the folder's tokenizer is read with the
+    (see pipeline.backends.llamacpp.binding): the folder's tokenizer is read with the
     `tokenizers` library it was written with, its chat template rendered with jinja2."""
-    from pipeline.targets.gguf.llamacpp import binding
+    from pipeline.backends.llamacpp import binding
 
     llama_cpp = binding()
     from tokenizers import Tokenizer

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.targets.gguf import llamacpp
+from pipeline.backends import llamacpp
 
 pytestmark = pytest.mark.skipif(llamacpp.missing(["llama-perplexity"]) is not None, reason=str(llamacpp.missing(["llama-perplexity"])))
 

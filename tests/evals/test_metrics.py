@@ -140,7 +140,7 @@ def test_missing_runtime_is_a_skip_with_reason():
 
 
 def test_device_resolution_records_absent_devices_as_pending():
-    from evals.devices import gpu_class, present_devices, resolve_devices
+    from pipeline.backends.devices import gpu_class, present_devices, resolve_devices
     from pipeline.errors import InvalidInput
 
     assert gpu_class("NVIDIA H100 80GB HBM3") == "h100"

@@ -157,7 +157,7 @@ def test_second_eval_is_served_from_the_store(evaluated):
 
 
 def test_results_are_keyed_by_device_fingerprint(evaluated, monkeypatch):
-    import evals.devices as devices
+    import pipeline.backends.devices as devices
     from evals.stages import eval_context, eval_stages
     from pipeline.core.runner import stage_keys
     from pipeline.core.store import Store

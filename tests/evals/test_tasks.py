@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli.main import app
-from pipeline.targets.gguf import llamacpp
+from pipeline.backends import llamacpp
 
 runner = CliRunner()
 needs_llama_cpp = pytest.mark.skipif(llamacpp.missing() is not None, reason=str(llamacpp.missing()))

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from pipeline.cli.main import app
 from pipeline.errors import InvalidInput
 from pipeline.sources import builtin, gguf
-from pipeline.targets.gguf import llamacpp
+from pipeline.backends import llamacpp
 
 runner = CliRunner()
 needs_llama_cpp = pytest.mark.skipif(llamacpp.missing(["llama-quantize"]) is not None, reason=str(llamacpp.missing(["llama-quantize"])))

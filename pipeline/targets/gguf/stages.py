@@ -89,7 +89,7 @@ def _source_metadata(ctx, quantforge_version: str) -> tuple[dict, dict]:
 
 
 def _convert_stage(target, index: int, ctx, quantforge_version: str) -> Stage:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
     from pipeline.targets.gguf.convert import converter_installed
 
     meta, extra = _source_metadata(ctx, quantforge_version)
@@ -113,7 +113,7 @@ def _convert_stage(target, index: int, ctx, quantforge_version: str) -> Stage:
 
 
 def _imatrix_stage(target, ctx, convert: Stage) -> Stage:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
 
     return Stage(
         name=f"{target.name}/imatrix",
@@ -130,7 +130,7 @@ def _imatrix_stage(target, ctx, convert: Stage) -> Stage:
 
 
 def _quant_stage(target, ctx, quant: str, convert: Stage, imatrix: Stage | None) -> Stage:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
 
     inputs = {"base": convert.name}
     if imatrix is not None and quant not in IMATRIX_UNUSED:
@@ -177,7 +177,7 @@ def threads() -> int:
 
 # ================================================================== convert
 def run_convert(ctx: StageContext, target_index: int | str = "<i>", check_text: str = "") -> dict:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
     from pipeline.targets.gguf.convert import PreTokenizerUnknown, convert, tokenization_error
 
     p = ctx.stage.params
@@ -240,7 +240,7 @@ def tokenization_sample(held_out: str) -> str:
 
 # ================================================================== imatrix
 def run_imatrix(ctx: StageContext) -> dict:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
     from pipeline.data.calibration import load_calibration
 
     base = _base_file(ctx)
@@ -276,7 +276,7 @@ def read_imatrix(path: Path) -> dict:
 
 # ================================================================== quantize
 def run_quantize(ctx: StageContext) -> dict:
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
     from pipeline.targets.gguf.modelfile import OllamaSpec, modelfile_text
 
     p = ctx.stage.params
@@ -350,7 +350,7 @@ def check_metadata_kept(before: dict, after: dict, quant: str) -> None:
 
 def check_decode(path: Path) -> dict:
     """Load with llama.cpp (1 thread) and greedily decode a few tokens; they must be valid ids."""
-    from pipeline.targets.gguf import llamacpp
+    from pipeline.backends import llamacpp
 
     out = llamacpp.greedy_decode(path, DECODE_PROMPT, DECODE_TOKENS)
     ids, n_vocab = out["ids"], out["n_vocab"]
@@ -396,7 +396,7 @@ def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bo
 # ================================================================== shared helpers
 def read_gguf(path: Path) -> dict:
     """Metadata (scalars and strings; arrays summarized) and tensor-type counts of a GGUF file."""
-    from pipeline.targets.gguf.header import file_type_name, read_header
+    from pipeline.backends.gguf_header import file_type_name, read_header
 
     header = read_header(path)
     metadata: dict[str, Any] = {k: (f"<array of {v['length']}>" if isinstance(v, dict) else v) for k, v in header.metadata.items()}

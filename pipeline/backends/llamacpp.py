@@ -11,7 +11,7 @@ kernels. On a machine with an NVIDIA GPU a ``cuda<arch>`` build is preferred whe
 present. ``QUANTFORGE_LLAMA_CPP_BIN`` names another folder.
 
 Loading a GGUF with the binding for a check happens in a child process (``python -m
-pipeline.targets.gguf.llamacpp ...``): a llama.cpp crash (a segfault in a kernel, e.g.
+pipeline.backends.llamacpp ...``): a llama.cpp crash (a segfault in a kernel, e.g.
 a native build's AMX kernels on quantized types, llama.cpp issue 20824) then fails one
 stage with a message instead of killing the whole build.
 """
@@ -199,7 +199,7 @@ def _child(args: list[str], what: str, timeout: float = 600) -> dict:
         raise LlamaCppMissing(f"llama-cpp-python is not installed: {SETUP_HINT}")
     from pipeline.core.proc import run_python
 
-    proc = run_python("pipeline.targets.gguf.llamacpp", args, timeout=timeout, env={LIB_ENV: str(tools_dir())})
+    proc = run_python("pipeline.backends.llamacpp", args, timeout=timeout, env={LIB_ENV: str(tools_dir())})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
@@ -256,7 +256,7 @@ def main(argv: list[str]) -> int:
     binding()  # before anything else loads numpy (see binding)
     commands = {"tokenize": _cmd_tokenize, "decode": _cmd_decode}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m pipeline.targets.gguf.llamacpp {{{','.join(commands)}}} ...", file=sys.stderr)
+        print(f"usage: python -m pipeline.backends.llamacpp {{{','.join(commands)}}} ...", file=sys.stderr)
         return 2
     print(json.dumps(commands[argv[0]](*argv[1:])))
     return 0
