@@ -7,7 +7,7 @@ from typing import Any
 from pipeline.core.report import EvalEntry, Report
 
 COLUMNS = ("artifact", "runtime", "size", "ppl", "Δppl%", "KLD", "KLD p99", "top1%", "tasks%", "Δtasks", "prefill t/s",
-           "decode t/s", "%roof", "gate")
+           "decode t/s", "ceiling t/s", "gate")
 RUNTIME_SHORT = {"transformers": "hf", "llama_cpp": "llama.cpp", "tensorrt_llm": "trt-llm", "modelopt_dequant": "modelopt"}
 
 
@@ -60,7 +60,7 @@ def rows_for_device(report: Report, device: str, notes: list[str] | None = None)
             _f(m.delta_ppl_pct, "+.2f") if a else "", _f(m.kl_mean, ".4f") if a else "", _f(m.kl_p99, ".3f") if a else "",
             _f(m.top1_agreement_pct, ".1f") if a else "", _f(m.task_accuracy * 100 if m.task_accuracy is not None else None, ".1f"),
             _task_delta(ev) if a else "", _f(m.prefill_tps, ",.0f"), _f(m.decode_tps, ",.1f"),
-            _f(m.roofline_pct, ".0f"), gate if ev.status == "done" else f"{gate} ({ev.status})",
+            _f(m.decode_bound_tps, ",.0f"), gate if ev.status == "done" else f"{gate} ({ev.status})",
         ])
     return rows
 
@@ -97,8 +97,9 @@ def render(report: Report, console=None, devices: list[str] | None = None) -> No
             console.print("  " + line, markup=False)
         bw = info.bandwidth
         if bw.get("bandwidth_gbs"):
-            console.print(f"  %roof: decode tok/s as % of {bw['bandwidth_gbs']} GB/s ({bw.get('method')}) / weight bytes "
-                          "read per token; dq: low-bit weights were dequantized to run (no low-bit kernels)", markup=False)
+            console.print(f"  ceiling t/s: the batch-1 decode bound the format buys, {bw['bandwidth_gbs']} GB/s ({bw.get('method')}) "
+                          "/ its stored weight bytes read per token; dq: low-bit weights were dequantized to run (no low-bit "
+                          "kernels), so that row's speed is not the format's", markup=False)
         tasks = sorted({t.task for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks.values()})
         if tasks:
             n = max((t.samples or 0) for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks.values())

@@ -56,8 +56,10 @@ def changed_artifacts(report: Report) -> dict[str, str]:
     return out
 
 
-def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict, size: int | None) -> EvalEntry:
-    """A typed eval entry from one eval stage's outcome."""
+def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict, size: int | None,
+               stored_per_token: int | None = None) -> EvalEntry:
+    """A typed eval entry from one eval stage's outcome; `stored_per_token`: the artifact's stored
+    weight bytes read per decoded token (the format's own, whatever the runtime expanded them to)."""
     from evals.roofline import roofline
     from evals.speed import headline
 
@@ -79,7 +81,7 @@ def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict,
         entry.speed_reason = "no runtime here measures its speed: " + "; ".join(facts.get("runtime_notes") or [])
     entry.dequantized = acc.get("dequantized", spd.get("dequantized"))
     head = headline(spd) if spd else {}
-    entry.roofline = roofline(head.get("decode_tps"), spd.get("weight_bytes_per_token"), bandwidth.get("bandwidth_gbs"))
+    entry.roofline = roofline(head.get("decode_tps"), stored_per_token or spd.get("weight_bytes_per_token"), bandwidth.get("bandwidth_gbs"))
     m = Metrics(
         size_bytes=size,
         perplexity=acc.get("perplexity"),
@@ -88,7 +90,7 @@ def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict,
         kl_p99=acc.get("kl_p99"), kl_p999=acc.get("kl_p999"), kl_max=acc.get("kl_max"),
         top1_agreement_pct=acc.get("top1_agreement_pct"), rms_dp_pct=acc.get("rms_dp_pct"),
         prefill_tps=head.get("prefill_tps"), decode_tps=head.get("decode_tps"), ttft_s=head.get("ttft_s"),
-        roofline_pct=entry.roofline.get("pct"), peak_rss_mib=spd.get("peak_rss_mib"),
+        roofline_pct=entry.roofline.get("pct"), decode_bound_tps=entry.roofline.get("bound_tps"), peak_rss_mib=spd.get("peak_rss_mib"),
         peak_vram_mib=spd.get("cuda_max_allocated_mib"),
     )
     base = baseline.metrics if baseline is not None and baseline.status == "done" else None
@@ -115,8 +117,11 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
                       logs_dir=Path(artifacts_dir) / loaded.recipe.name / "logs")
     bw = results.get(f"eval/{device}/bandwidth")
     bandwidth = bw.output.result if bw and bw.output else {}
+    from evals.roofline import stored_bytes_per_token
+
     source_size = _dir_bytes(Path(report.source.path))
-    baseline = entry_from(results[f"eval/{device}/source"], None, bandwidth, source_size)
+    baseline = entry_from(results[f"eval/{device}/source"], None, bandwidth, source_size,
+                          stored_bytes_per_token(Path(report.source.path)))
     entries: dict[str, EvalEntry] = {}
     for a in report.built():
         if a.name in changed:
@@ -126,7 +131,8 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
         res = results.get(f"eval/{device}/{a.name}")
         if res is None:
             continue
-        entries[a.name] = entry_from(res, baseline, bandwidth, a.bytes or _dir_bytes(Path(a.path)))
+        entries[a.name] = entry_from(res, baseline, bandwidth, a.bytes or _dir_bytes(Path(a.path)),
+                                     stored_bytes_per_token(Path(a.path)))
     if spec.tasks:
         from evals.tasks import attach_scores
 
@@ -154,7 +160,7 @@ def evaluate(loaded: LoadedRecipe, artifacts_dir: Path, device: str = "auto", lo
         raise InvalidInput(f"no build report with a source model at {rpath}: run `quantforge build` first")
     if not Path(report.source.path).is_dir():
         raise InvalidInput(f"the source model folder {report.source.path} named in {rpath} is missing: run `quantforge build` again")
-    now, pending = resolve_devices(device, recipe.pipeline.backends.devices)
+    now, pending = resolve_devices(device, recipe.evals.devices)
     changed = changed_artifacts(report)
     for name, why in changed.items():
         log(f"[eval] {name}: NOT evaluated, its stored files changed since the build: {why}")

@@ -79,7 +79,8 @@ class Metrics(Loose):
     decode_tps: float | None = None
     ttft_s: float | None = None
     decode_speedup: float | None = None
-    roofline_pct: float | None = None
+    roofline_pct: float | None = None  # decode_tps as % of decode_bound_tps
+    decode_bound_tps: float | None = None  # batch-1 decode ceiling: bandwidth / the format's stored bytes per token
     peak_rss_mib: float | None = None
     peak_vram_mib: float | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,25 @@ def test_device_resolution_records_absent_devices_as_pending():
     assert now == ["cpu"] and pending == ["h9000"]
     with pytest.raises(InvalidInput, match="not present"):
         resolve_devices("h9000", ["cpu", "h9000"])
+
+
+def test_the_decode_ceiling_counts_the_stored_weights_a_token_reads(mini_model):
+    """bandwidth / stored bytes per token: every stored tensor but the embedding table, which a
+    token reads one row of, unless the model has no output matrix of its own (then it is that)."""
+    from safetensors import safe_open
+
+    from evals.roofline import roofline, stored_bytes_per_token
+
+    sizes = {}
+    for f in Path(mini_model).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                sizes[name] = t.numel() * t.element_size()
+    embedding = sum(n for k, n in sizes.items() if k.endswith("embed_tokens.weight"))
+    tied = not any(k.endswith("lm_head.weight") for k in sizes)
+    expected = sum(sizes.values()) - (0 if tied else embedding)
+    assert stored_bytes_per_token(Path(mini_model)) == expected
+    r = roofline(None, expected, 100.0)
+    assert r["bound_tps"] == pytest.approx(100e9 / expected, rel=1e-3) and "pct" not in r
+    assert roofline(r["bound_tps"] / 2, expected, 100.0)["pct"] == pytest.approx(50.0, abs=0.1)
