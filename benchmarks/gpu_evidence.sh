@@ -44,7 +44,7 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, record exit status a
 
 {
     echo "date: $(date -u +%FT%TZ)"
-    echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "commit: ${QF_COMMIT:-$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)}"
     nvidia-smi --query-gpu=name,memory.total,compute_cap,driver_version --format=csv,noheader
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM"
     "$PY" -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
