@@ -17,13 +17,15 @@ Log = Callable[[str], None]
 
 
 def validate_report(paths: list[Path]) -> tuple[dict, list]:
-    """Every recipe checked: ({"ok", "recipes": [...], "problems": [...]} for --json, the problems)."""
+    """Every recipe checked: ({"ok", "complete", "recipes": [...], "problems": [...]} for --json, the problems).
+
+    ``complete`` is false when some check could not run (each recipe's ``skipped`` says which and why)."""
     from pipeline.validation import validate_all
 
     loaded, problems = validate_all(paths)
-    recipes = [{"file": str(p), "name": lr.recipe.name, "targets": len(lr.recipe.targets), "sha256": lr.recipe.sha256()}
-               for p, lr in loaded]
-    result = {"ok": not problems, "recipes": recipes,
+    recipes = [{"file": str(p), "name": lr.recipe.name, "targets": len(lr.recipe.targets), "sha256": lr.recipe.sha256(),
+                "skipped": list(lr.skipped)} for p, lr in loaded]
+    result = {"ok": not problems, "complete": not any(r["skipped"] for r in recipes), "recipes": recipes,
               "problems": [{"file": q.file, "line": q.line, "path": q.path, "message": q.message} for q in problems]}
     return result, problems
 
@@ -66,7 +68,7 @@ def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str,
     recipe = loaded.recipe
     report = read_report(report_path(artifacts_dir, recipe.name))
     built_keys = stage_keys(plan.stages)
-    now, pending = resolve_devices(device, recipe.pipeline.backends.devices)
+    now, pending = resolve_devices(device, recipe.evals.devices)
     artifacts = [(s.artifact.name, built_keys[s.name]) for s in plan.stages if s.artifact and (not targets or s.target in targets)]
     rows = []
     for d in now:
