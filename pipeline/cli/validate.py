@@ -4,14 +4,14 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli.common import Json, console, err_console, exits, print_json
+from pipeline.cli.common import Json, ListArgCommand, console, err_console, exits, print_json
 
 app = typer.Typer()
 
 
-@app.command()
+@app.command(cls=ListArgCommand)
 def validate(
-    recipe: list[Path] = typer.Argument(..., metavar="RECIPE...", help="Recipe YAML files.", show_default=False),
+    recipe: list[Path] = typer.Argument(..., metavar="RECIPE", help="Recipe YAML files.", show_default=False),
     json_: bool = Json,
 ) -> None:
     """Check recipes; report every problem at once as FILE:LINE: path: message (exit 2).
