@@ -1,6 +1,6 @@
 """Which devices are here, and a fingerprint of each.
 
-Device names (as ``pipeline.backends.devices`` and ``--device`` use them):
+Device names (as ``evals.devices`` and ``--device`` use them):
 
 * ``cpu`` — always present;
 * ``cuda`` — any CUDA GPU;
