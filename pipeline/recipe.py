@@ -449,7 +449,7 @@ def _partial(path: Path, file: str, data: dict, lines: dict) -> LoadedRecipe | N
     try:
         parts, bad = {}, set()
         for key, model in _SECTIONS.items():
-            if key not in data:
+            if key not in data or (key == "calibration" and data[key] is None):  # absent (or null where that is allowed)
                 if key == "source":
                     bad.add(key)
                 continue

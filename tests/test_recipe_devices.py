@@ -55,3 +55,10 @@ def test_required_devices_must_be_eval_devices(write_recipe):
     result = runner.invoke(app, ["validate", str(write_recipe(text))])
     assert result.exit_code == 2
     assert "gates.required_devices.1: device 'cuda' is not in evals.devices ['cpu']" in result.output
+
+
+def test_an_unknown_device_option_gets_a_did_you_mean(write_recipe, tmp_path):
+    path = write_recipe(RECIPE.format(devices="[cpu]"))
+    result = runner.invoke(app, ["plan", str(path), "-d", "h1000", "--artifacts-dir", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "--device: unknown device 'h1000' (did you mean 'h100'?)" in result.output

@@ -103,6 +103,11 @@ def resolve_devices(requested: str, wanted: list[str]) -> tuple[list[str], list[
     """
     from pipeline.errors import InvalidInput
 
+    if requested != "auto":
+        try:
+            Device.parse(requested)
+        except ValueError as exc:
+            raise InvalidInput(f"--device: {exc}") from None
     here = present_devices()
     if requested == "auto":
         now = [d for d in wanted if d in here]
