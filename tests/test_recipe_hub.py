@@ -143,3 +143,13 @@ def test_starter_8b_recipe_validates_and_plans_from_config_json(hub_cache, tmp_p
     assert result.exit_code == EXIT_INVALID_INPUT
     assert "targets.0.group_size: group size 128 does not divide" in result.output
     assert "targets.1.group_size: group size 128 does not divide" in result.output
+
+
+def test_plan_of_an_unpinned_hub_model_offline_exits_4(hub_cache, write_recipe, tmp_path):
+    """A branch name needs the hub to become a commit: unreachable is 4, and nothing is written."""
+    path = write_recipe(IMPOSSIBLE.replace(f"revision: {SMOL_COMMIT}", "revision: main"))
+    artifacts = tmp_path / "artifacts"
+    result = runner.invoke(app, ["plan", str(path), "--artifacts-dir", str(artifacts)])
+    assert result.exit_code == EXIT_HUB_UNREACHABLE, result.output
+    assert f"cannot resolve hub model '{SMOL}' at revision 'main'" in result.output
+    assert not artifacts.exists() or not any(p.is_file() for p in artifacts.rglob("*"))
