@@ -81,6 +81,10 @@ def test_unreachable_hub_names_the_skipped_checks_and_exits_4(hub_cache, write_r
     # A problem found elsewhere still makes it invalid input (2), with the skip not hiding it.
     bad = write_recipe(IMPOSSIBLE.replace("devices: [cpu]", "devices: [cpu, tpu]"), name="bad.yaml")
     assert runner.invoke(app, ["validate", str(bad)]).exit_code == EXIT_INVALID_INPUT
+    # Several files: the invalid one decides the exit code; the other's skipped checks are still named.
+    both = runner.invoke(app, ["validate", str(path), str(bad)])
+    assert both.exit_code == EXIT_INVALID_INPUT
+    assert "evals.devices.1: device 'tpu'" in both.output and f"skipped: {path}: " in both.output
 
 
 def test_hub_checks_run_even_when_the_schema_check_fails(hub_cache, write_recipe):

@@ -36,6 +36,8 @@ def validate(
                 raise typer.Exit(EXIT_HUB_UNREACHABLE)
             return
         if problems:
+            for file, why in skipped:  # other files' checks that could not run: said before the exit
+                err_console.print(Text("skipped: ", style="yellow") + Text(f"{file}: {why}"), soft_wrap=True)
             raise InvalidInput(problems)
         for r in result["recipes"]:
             state = "ok" if not r["skipped"] else "ok so far"
