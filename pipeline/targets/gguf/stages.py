@@ -40,10 +40,12 @@ from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 from pipeline.errors import StageFailed
 from pipeline.targets.gguf import IMATRIX_UNUSED
 
-VERSIONS = {"convert": "1", "imatrix": "1", "quantize": "2"}
+VERSIONS = {"convert": "1", "imatrix": "2", "quantize": "3"}
 RUNTIMES = ("llama.cpp", "ollama", "lm-studio")
 BASE_FILE = "base.gguf"
 IMATRIX_FILE = "imatrix.gguf"
+# The calibration text's name inside llama-imatrix's run, recorded in the imatrix and the GGUFs.
+CALIBRATION_TEXT = "calibration.txt"
 
 FLOAT_BITS = {"F32": 32, "F16": 16, "BF16": 16}
 
@@ -75,7 +77,14 @@ def _source_metadata(ctx, quantforge_version: str) -> tuple[dict, dict]:
     src = ctx.recipe.source
     meta: dict[str, Any] = {"general.name": ctx.recipe.model_name, "general.quantized_by": f"quantforge {quantforge_version}"}
     extra: dict[str, str] = {"quantforge.source": src.model}
-    from pipeline.sources import upstream_hub_id
+    from pipeline.sources import origin, upstream_hub_id
+
+    if origin(ctx.loaded) in ("local", "gguf"):
+        # Name the model a local folder or file holds (a store folder's own source, else its name), never
+        # this machine's path: it would leak into published files and change their bytes from machine to machine.
+        from pipeline.targets.cards import source_identity
+
+        extra["quantforge.source"] = source_identity(ctx.loaded.resolve(src.model)).name
 
     hub_id = upstream_hub_id(ctx.loaded)
     if hub_id:
@@ -247,17 +256,19 @@ def run_imatrix(ctx: StageContext) -> dict:
     cal_out = ctx.inputs["calibration"]
     cal = load_calibration(cal_out.path)
     seq_len = int(cal_out.result.get("seq_len") or cal.input_ids.shape[1])
-    text_file = ctx.out_dir / ".calibration.txt"
+    text_file = ctx.out_dir / CALIBRATION_TEXT
     # Samples are decoded token windows; a blank line between them keeps words from fusing.
     text_file.write_text("\n\n".join(cal.texts), encoding="utf-8")
     out_file = ctx.out_dir / IMATRIX_FILE
     check_disk(ctx.out_dir, base.stat().st_size // 8, "the imatrix")
     try:
+        # llama-imatrix records the -f argument as written (`imatrix.datasets`) and llama-quantize copies it
+        # into every GGUF: relative names, run in the stage folder, keep the build machine's paths out.
         output = llamacpp.run_tool("llama-imatrix", [
-            "-m", base, "-f", text_file, "-o", out_file,
+            "-m", base, "-f", CALIBRATION_TEXT, "-o", IMATRIX_FILE,
             "-c", seq_len, "-b", seq_len, "-t", threads(),  # n_batch = n_ctx: one sequence per batch, any seq_len
             "--no-ppl", "--output-frequency", 1_000_000, *llamacpp.offload_args(),
-        ], ctx.log)
+        ], ctx.log, cwd=ctx.out_dir)
     finally:
         text_file.unlink(missing_ok=True)
     if not out_file.is_file():
@@ -290,7 +301,9 @@ def run_quantize(ctx: StageContext) -> dict:
     check_disk(ctx.out_dir, estimate_bytes(base.stat().st_size, base_type, quant), out_name)
     args: list = []
     if imatrix is not None:
-        args += ["--imatrix", imatrix.path / imatrix.result["file"]]
+        # llama-quantize writes the --imatrix argument as given into `quantize.imatrix.file`: a bare file
+        # name, with the tool run in the imatrix's folder, so no absolute path of this machine lands in the file.
+        args += ["--imatrix", imatrix.result["file"]]
     lineage = {"quantforge.stage_key": ctx.key, "quantforge.base_sha256": base_out.manifest.get("content_sha256", "")}
     if imatrix is not None:
         lineage["quantforge.imatrix_sha256"] = imatrix.manifest.get("content_sha256", "")
@@ -298,7 +311,8 @@ def run_quantize(ctx: StageContext) -> dict:
         args += ["--override-kv", f"{k}=str:{v}"]
     # Same type as the base: COPY writes the tensors unchanged (and still adds our keys).
     qtype = "COPY" if quant == base_type else quant
-    output = llamacpp.run_tool("llama-quantize", [*args, base, out_file, qtype, threads()], ctx.log)
+    output = llamacpp.run_tool("llama-quantize", [*args, base.resolve(), out_file.resolve(), qtype, threads()], ctx.log,
+                               cwd=imatrix.path if imatrix is not None else None)
     if not out_file.is_file():
         raise StageFailed(f"llama-quantize wrote no {out_name}:\n{llamacpp.tail(output)}")
     info = read_gguf(out_file)
