@@ -69,13 +69,15 @@ def bpe_model(folder: Path, pre: str) -> Path:
 def sentencepiece_model(folder: Path) -> Path:
     """A SentencePiece BPE vocabulary (byte fallback, as Llama 2 / Mistral / Gemma have) and a random Llama."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
 
     folder.mkdir(parents=True)
     spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus()), model_prefix=str(folder / "tokenizer"), vocab_size=600,
                                    model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1,
                                    minloglevel=2, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
-    LlamaTokenizer(vocab_file=str(folder / "tokenizer.model")).save_pretrained(str(folder))
+    (folder / "tokenizer.vocab").unlink()
+    # A Llama-2-style folder: tokenizer.model and its class (transformers converts it when loading).
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     _random_llama(folder, 600, 1, 2)
     return folder
 
