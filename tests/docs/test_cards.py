@@ -141,3 +141,19 @@ def test_modelopt_card_is_titled_by_the_source(mini_model, tmp_path, algo, vllm)
         assert f"vllm serve DIR --quantization {vllm}\n" in card and f"--model-path DIR --quantization {vllm}\n" in card
     else:
         assert "vllm serve" not in card and f"vLLM and SGLang do not list ModelOpt {algo}" in card
+
+
+def test_measured_numbers_go_into_the_front_matter(real_report):  # noqa: F811
+    """A real report's numbers for an artifact, added to its built card's front matter (Hub-parsed)."""
+    from pipeline.targets.cards import with_measurements
+
+    a = real_report.artifact("gguf-Q8_0")
+    built = (Path(a.path) / "README.md").read_text()
+    data = front_matter(with_measurements(built, a))["quantforge"]
+    cpu, m = data["measured_against_source"]["cpu"], a.evals["cpu"].metrics
+    assert cpu["runtime"] == a.evals["cpu"].runtime
+    assert cpu["delta_ppl_pct"] == pytest.approx(m.delta_ppl_pct, abs=1e-4) and cpu["kl_mean"] == pytest.approx(m.kl_mean, abs=1e-5)
+    # Bits per weight where the report's artifact entry has them (fields another version of the report adds).
+    with_bpw = a.model_copy(update={"bpw_linear": 8.5, "bpw_model": 8.53125})
+    assert front_matter(with_measurements(built, with_bpw))["quantforge"]["bpw_model"] == pytest.approx(8.531, abs=1e-3)
+    assert "bpw_model" not in data or getattr(a, "bpw_model", None) is not None
