@@ -118,8 +118,8 @@ def measure(render, bos: str | None) -> ChatFormat:
         except TemplateNotSupported:
             if "system" not in roles:
                 raise
-            # Templates that insert a default system prompt when the conversation has none (SmolLM2,
-            # Qwen2.5): that text is read as the Modelfile's SYSTEM.
+            # Templates that insert a default system prompt when the conversation has none (SmolLM2's):
+            # that text is read as the Modelfile's SYSTEM.
             fmt = _measure_default_system(render, bos)
     except TemplateNotSupported:
         raise
