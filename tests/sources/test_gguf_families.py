@@ -190,7 +190,9 @@ def test_a_source_that_fails_while_building_runs_once(tmp_path):
     bad = _header_only_gguf(tmp_path / "m.gguf", "gpt2", "gpt-2")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: once\nsource: {{model: {bad}}}\ntargets:\n  - {{name: fp8, kind: fp8}}\nevals: {{devices: [cpu]}}\n")
-    result = CliRunner().invoke(app, ["run", str(recipe), "--no-register", "--artifacts-dir", str(tmp_path / "a")])
+    result = CliRunner().invoke(app, ["run", str(recipe), "--no-register", "-q", "--artifacts-dir", str(tmp_path / "a")])
     assert result.exit_code == 1, result.output
-    assert result.output.count("[source] FAILED") == 1, result.output
+    assert result.output.count("[source] FAILED") == 1, result.output  # a failure shows even with -q
+    log = (tmp_path / "a" / "once" / "logs" / "source.log").read_text()
+    assert "Traceback" in log and "[source] FAILED" not in log  # the whole error is in the stage's log
     assert "the source failed to build" in result.output and "nothing to evaluate or register" in result.output
