@@ -312,7 +312,7 @@ def test_same_recipe_in_two_folders_gives_the_same_gguf_bytes(mini_model, tmp_pa
     from pipeline.core.store import sha256_file
 
     target = "  - {name: g, kind: gguf, base_type: f32, pre_tokenizer: gpt-2, imatrix: true, quants: [Q4_K_M]}\n"
-    files = []
+    files, imatrices = [], []
     for build in ("first", "second"):
         folder = tmp_path / build
         folder.mkdir()
@@ -321,6 +321,12 @@ def test_same_recipe_in_two_folders_gives_the_same_gguf_bytes(mini_model, tmp_pa
         out = results["g/quantize/Q4_K_M"].output
         assert out is not None, results["g/quantize/Q4_K_M"].reason
         files.append(out.path / out.result["file"])
+        imatrices.append(results["g/imatrix"].output.path / "imatrix.gguf")
+    import gguf
+
+    datasets = gguf.GGUFReader(str(imatrices[0])).fields["imatrix.datasets"].contents()
+    assert datasets == ["calibration.txt"]
+    assert sha256_file(imatrices[0]) == sha256_file(imatrices[1])
     meta = read_header(files[0]).metadata
     assert meta["quantize.imatrix.file"] == "imatrix.gguf"
     assert meta["quantize.imatrix.dataset"] == "calibration.txt"
