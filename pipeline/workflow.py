@@ -110,6 +110,10 @@ def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None,
 
 
 def _build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
+    return _build_results(loaded, artifacts_dir, targets, log)[0]
+
+
+def _build_results(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log):
     from pipeline.build import build
     from pipeline.cli.tables import print_build_summary, stage_progress
 
@@ -117,7 +121,7 @@ def _build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None,
     with stage_progress() as progress:
         report, results = build(loaded, artifacts_dir, targets, log=log, progress=progress)
     print_build_summary(report, results, report_path(artifacts_dir, loaded.recipe.name))
-    return EXIT_STAGE_FAILED if any(r.status == "failed" for r in results.values()) else EXIT_OK
+    return (EXIT_STAGE_FAILED if any(r.status == "failed" for r in results.values()) else EXIT_OK), results
 
 
 def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log) -> int:
@@ -221,7 +225,12 @@ def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: b
     and the exit code still says a stage failed."""
     loaded = load_recipe(recipe_path)  # once: the checks read the source's config and the calibration text
     rpath = report_path(artifacts_dir, loaded.recipe.name)
-    code = _build(loaded, artifacts_dir, targets, log)
+    code, results = _build_results(loaded, artifacts_dir, targets, log)
+    source = results.get("source")
+    if source is not None and source.status == "failed":
+        # Evaluating would run the source stage again (to measure the source) and fail the same way.
+        log(f"the source failed to build ({source.reason}): nothing to evaluate or register")
+        return code
     eval_code = _eval(loaded, recipe_path, artifacts_dir, device, fail_on_gate, log)
     if register:
         _register(rpath, tracking_uri, log)

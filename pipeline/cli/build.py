@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli.verbosity import Quiet, Verbose, apply as apply_verbosity
 from pipeline.cli.common import ArtifactsDir, RecipeArg, Targets, exits, log
 
 app = typer.Typer()
@@ -14,9 +15,12 @@ def build(
     recipe: Path = RecipeArg,
     target: list[str] = Targets,
     artifacts_dir: Path = ArtifactsDir,
+    verbose: int = Verbose,
+    quiet: bool = Quiet,
 ) -> None:
     """Build artifacts (cached: unchanged stages are not rebuilt) and write report.json."""
     from pipeline.workflow import run_build
 
+    apply_verbosity(verbose, quiet)
     with exits():
         raise typer.Exit(run_build(recipe, artifacts_dir, target or None, log=log))

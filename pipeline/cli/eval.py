@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli.verbosity import Quiet, Verbose, apply as apply_verbosity
 from pipeline.cli.common import ArtifactsDir, Device, RecipeArg, exits, log
 
 app = typer.Typer()
@@ -15,9 +16,12 @@ def eval_(
     device: str = Device,
     fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 3 when an artifact fails its gates."),
     artifacts_dir: Path = ArtifactsDir,
+    verbose: int = Verbose,
+    quiet: bool = Quiet,
 ) -> None:
     """Evaluate the source and every built artifact on a device; decide gates."""
     from pipeline.workflow import run_eval
 
+    apply_verbosity(verbose, quiet)
     with exits():
         raise typer.Exit(run_eval(recipe, artifacts_dir, device, fail_on_gate, log=log))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli.verbosity import Quiet, Verbose, apply as apply_verbosity
 from pipeline.cli.common import ArtifactsDir, Device, RecipeArg, Targets, TrackingUri, exits, log
 
 app = typer.Typer()
@@ -18,10 +19,13 @@ def run(
     no_register: bool = typer.Option(False, "--no-register", help="Build and evaluate only."),
     artifacts_dir: Path = ArtifactsDir,
     tracking_uri: str = TrackingUri,
+    verbose: int = Verbose,
+    quiet: bool = Quiet,
 ) -> None:
     """Build, evaluate and register: the whole recipe in one command (-t: build only those targets)."""
     from pipeline.workflow import run_all
 
+    apply_verbosity(verbose, quiet)
     with exits():
         raise typer.Exit(run_all(recipe, artifacts_dir, device, fail_on_gate, not no_register, tracking_uri, log=log,
                                    targets=target or None))

@@ -26,6 +26,137 @@ from pipeline.errors import InvalidInput, QuantforgeError
 Log = Callable[[str], None]
 REASON_CHARS = 300
 
+#: -q: -1 (failures only), default 0 (one line per stage), -v: 1 (also each stage's own messages and its
+#: libraries' output, which always go to the stage's log file). Set by the CLI (set_verbosity).
+VERBOSITY = 0
+_ACTIVE: list = []  # the capture of the stage running now (at most one)
+
+
+def set_verbosity(level: int) -> None:
+    global VERBOSITY
+    VERBOSITY = level
+
+
+class _Capture:
+    """Everything written to file descriptors 1 and 2 while a stage runs goes to its log file (and, with -v, to
+    the terminal too): print, tqdm bars, warnings, logging and loguru handlers (they hold the original
+    sys.stdout/sys.stderr objects, which write to those descriptors), native libraries and child processes.
+
+    A pipe and a reader thread rather than pointing the descriptors at the file: the thread can copy to
+    the terminal as well (-v), and the log file stays one file written in order."""
+
+    def __init__(self, log_file: Path, echo: bool):
+        self.log_file, self.echo = log_file, echo
+        self.terminal_fd: int | None = None
+
+    def __enter__(self) -> "_Capture":
+        import os
+        import sys
+        import threading
+
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        self.saved = (os.dup(1), os.dup(2))
+        self.terminal_fd = self.saved[0]
+        read, write = os.pipe()
+        self.sink = open(self.log_file, "ab")
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.close(write)
+        self._rich_terminal()
+        self._python_streams()
+
+        def pump() -> None:
+            while True:
+                chunk = os.read(read, 65536)
+                if not chunk:
+                    break
+                self.sink.write(chunk)
+                self.sink.flush()
+                if self.echo:
+                    try:
+                        os.write(self.saved[0], chunk)
+                    except OSError:
+                        pass
+            os.close(read)
+
+        self.thread = threading.Thread(target=pump, name="stage-log", daemon=True)
+        self.thread.start()
+        _ACTIVE.append(self)
+        return self
+
+    def _rich_terminal(self) -> None:
+        """rich's global console (progress bars refresh from a thread) keeps drawing on the terminal."""
+        import os
+
+        self._rich = None
+        try:
+            import rich
+
+            console = rich.get_console()
+        except ImportError:  # pragma: no cover - rich is a CLI dependency
+            return
+        self._rich = (console, console._file)
+        console.file = os.fdopen(os.dup(self.saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
+
+    def _python_streams(self) -> None:
+        """sys.stdout/sys.stderr, and logging handlers holding them, into the pipe too: they may not be
+        descriptors 1 and 2 (an embedding application, a test harness)."""
+        import logging
+        import os
+        import sys
+
+        self.py = (sys.stdout, sys.stderr)
+        self.stream = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+        sys.stdout = sys.stderr = self.stream
+        self.handlers = []
+        for logger in [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]:
+            for h in logger.handlers:
+                if type(h) is logging.StreamHandler and h.stream in self.py:
+                    self.handlers.append((h, h.stream))
+                    h.setStream(self.stream)
+
+    def write_terminal(self, text: str) -> None:
+        import os
+
+        try:
+            os.write(self.saved[0], text.encode("utf-8", "replace"))
+        except OSError:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        import os
+        import sys
+
+        _ACTIVE.remove(self)
+        for h, stream in self.handlers:
+            h.setStream(stream)
+        sys.stdout, sys.stderr = self.py
+        for stream in (self.stream, *self.py):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        self.stream.close()
+        os.dup2(self.saved[0], 1)  # closes the pipe's write ends held by 1 and 2: the reader sees EOF
+        os.dup2(self.saved[1], 2)
+        # A child process the stage left running may still hold the pipe: do not wait for it forever.
+        self.thread.join(timeout=10)
+        if self._rich is not None:
+            console, original = self._rich
+            opened = console._file
+            console._file = original
+            try:
+                opened.close()
+            except OSError:
+                pass
+        for fd in self.saved:
+            os.close(fd)
+        self.sink.close()
+
 
 @dataclass
 class StageResult:
@@ -101,9 +232,16 @@ def _run_one(stage: Stage, keys, results, outside: dict[str, StageOutput], store
 
     def produce(tmp: Path) -> dict:
         nonlocal seconds
-        log(f"[{stage.name}] running ({stage.description or stage.kind})")
+        if VERBOSITY > 0:
+            log(f"[{stage.name}] running ({stage.description or stage.kind})")
+        if log_file is not None:
+            _append(log_file, f"[{stage.name}] {stage.description or stage.kind} (key {key})")
         ctx = StageContext(stage=stage, out_dir=tmp, inputs=inputs, log=stage_log, artifacts_dir=artifacts_dir, key=key)
-        facts = stage.run(ctx) if stage.run else {}
+        if log_file is None or not stage.run:
+            facts = stage.run(ctx) if stage.run else {}
+        else:
+            with _Capture(log_file, echo=VERBOSITY > 0):
+                facts = stage.run(ctx)
         seconds = time.perf_counter() - start
         return {
             "stage": stage.name,
@@ -144,7 +282,8 @@ def _run_one(stage: Stage, keys, results, outside: dict[str, StageOutput], store
     output = StageOutput(stage.name, key, entry.path, entry.manifest)
     if entry.hit:
         return StageResult(stage, key, "hit", output=output, log_file=log_file)
-    log(f"[{stage.name}] done in {seconds:.1f}s")
+    if VERBOSITY >= 0:
+        log(f"[{stage.name}] done in {seconds:.1f}s" + (f" (log: {log_file})" if log_file is not None else ""))
     return StageResult(stage, key, "built", output=output, seconds=seconds, log_file=log_file)
 
 
@@ -189,17 +328,28 @@ def _log_file(stage: Stage, logs_dir: Path | None) -> Path | None:
     return logs_dir / (stage.name.replace("/", "__") + ".log")
 
 
+def _append(log_file: Path, msg: str) -> None:
+    try:
+        with open(log_file, "a", encoding="utf-8") as f:
+            f.write(msg.rstrip() + "\n")
+    except OSError:
+        # The log shares the artifacts dir's disk: when it is full, the failure
+        # must still reach the console and the report, not end in a traceback.
+        pass
+
+
 def _stage_logger(stage: Stage, log: Log, log_file: Path | None) -> Log:
+    """A stage's own messages: into its log file; on the terminal only with -v (or when there is no log
+    file), one line each. While the stage's output is captured, the file is appended to directly; the
+    capture's pipe carries the libraries' output."""
+
     def emit(msg: str) -> None:
         if log_file is not None:
-            try:
-                with open(log_file, "a", encoding="utf-8") as f:
-                    f.write(msg.rstrip() + "\n")
-            except OSError:
-                # The log shares the artifacts dir's disk: when it is full, the failure
-                # must still reach the console and the report, not end in a traceback.
-                pass
-        if "Traceback" not in msg and "\n" not in msg.strip():
-            log(f"[{stage.name}] {msg}")
+            _append(log_file, msg)
+        if (log_file is None or VERBOSITY > 0) and "Traceback" not in msg and "\n" not in msg.strip():
+            if _ACTIVE:  # the terminal itself: `log` writes to stdout, which goes to this file now
+                _ACTIVE[-1].write_terminal(f"[{stage.name}] {msg}\n")
+            else:
+                log(f"[{stage.name}] {msg}")
 
     return emit

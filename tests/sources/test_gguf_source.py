@@ -157,3 +157,12 @@ def test_real_model_formats_differ_and_the_gates_reject_what_they_should(smollm2
     meta = read_gguf(next(Path(q8.path).glob("*.gguf")))["metadata"]
     assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.model"] == "gpt2"
     assert meta["tokenizer.ggml.eos_token_id"] == 2
+    # llama.cpp's file name, a Modelfile with the chat template and its default system prompt, a Hub-ready card.
+    assert Path(q8.path, "SmolLM2-135M-Instruct-Q8_0.gguf").is_file()
+    modelfile = Path(q8.path, "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+    assert "<|im_start|>" in modelfile and "ollama create smollm2-135m-instruct-q8_0 -f Modelfile" in modelfile
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(Path(q8.path, "README.md").read_text(), ignore_metadata_errors=False).data
+    assert (card.license, card.base_model, card.pipeline_tag) == ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "text-generation")

@@ -354,7 +354,7 @@ def write_model_card(out_dir: Path, *, quant: str, kv_cache_quant: str | None, s
     model and its exact revision from the source stage's lineage (pipeline.targets.cards),
     never a local path.
     """
-    from pipeline.targets.cards import MODELOPT_FLAGS, source_identity, usage_sections
+    from pipeline.targets.cards import MODELOPT_FLAGS, card_data, hub_card, source_identity, usage_sections
 
     ident = source_identity(source)
     _, hf_quant = read_quant_config(out_dir)
@@ -393,7 +393,8 @@ def write_model_card(out_dir: Path, *, quant: str, kv_cache_quant: str | None, s
         json.dumps(facts.get("verification", {}), indent=2),
         "```",
     ]
-    (Path(out_dir) / "README.md").write_text("\n".join(lines) + "\n")
+    data = card_data(ident, tags=["modelopt", "tensorrt-llm", str(algo or "").lower()])
+    (Path(out_dir) / "README.md").write_text(hub_card(data, lines))
 
 
 def export_checkpoint(model, out_dir: Path, source_dir: Path, log: Callable[[str], None] = print) -> dict:

@@ -41,7 +41,7 @@ from pathlib import Path
 from pipeline.errors import InvalidInput, StageFailed
 from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 
-CHECKPOINT_VERSION = "2"
+CHECKPOINT_VERSION = "3"
 TRTLLM_CHECKPOINT_VERSION = "2"
 ENGINE_VERSION = "1"
 MODELOPT_TOOLS = ("nvidia-modelopt", "torch", "transformers", "safetensors")
