@@ -105,6 +105,11 @@ def cross_field_problems(loaded: LoadedRecipe) -> list[Problem]:
             problems.append(loaded.problem(("targets", at, "name"), f"duplicate target name {t.name!r} (also targets.{seen[t.name]})"))
         else:
             seen[t.name] = at
+        from pipeline.targets import declaration
+
+        why = declaration(t.kind).missing()
+        if why:
+            problems.append(loaded.problem(("targets", at, "kind"), f"target {t.name!r}: {why}"))
         if t.needs_calibration() and recipe.calibration is None and "calibration" not in bad:
             problems.append(loaded.problem(("targets", at, "kind"), f"target {t.name!r} ({t.kind}) needs calibration data: add a `calibration:` section (e.g. `calibration: {{dataset: builtin}}`)"))
     if not bad & {"gates", "evals"}:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 TASKS_DIR = Path(__file__).resolve().parent
-INSTALL_HINT = "lm-evaluation-harness is not installed: `make setup` installs it (or `pip install 'lm-eval==0.4.13'`)"
+INSTALL_HINT = "lm-evaluation-harness is not installed: `make setup` installs it (or `pip install 'quantforge[tasks]'`)"
 
 
 def shipped() -> dict[str, Path]:
