@@ -103,6 +103,26 @@ def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict,
     return entry
 
 
+def write_lm_eval_results(results: dict, device: str, folder: Path, log: Log) -> None:
+    """lm-eval's own results JSON of each model's tasks, beside report.json
+    (``lm_eval/<device>/<model>.json``), in the layout its ``--output_path`` writes."""
+    import json
+
+    written = 0
+    for stage, res in results.items():
+        if not stage.startswith(f"eval/{device}/") or res.output is None:
+            continue
+        native = (res.output.result.get("tasks") or {}).get("lm_eval")
+        if not native:
+            continue
+        out = folder / "lm_eval" / device / f"{stage.rsplit('/', 1)[1]}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(native, indent=2))
+        written += 1
+    if written:
+        log(f"[eval {device}] lm-eval results: {folder / 'lm_eval' / device}/*.json")
+
+
 def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, report: Report, log: Log,
                     changed: dict[str, str]) -> tuple[EvalEntry, dict[str, EvalEntry], DeviceInfo]:
     from evals.stages import eval_context, eval_stages
@@ -143,6 +163,7 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
         raw = {"source": scores(f"eval/{device}/source")}
         raw.update({a.name: scores(f"eval/{device}/{a.name}") for a in report.built()})
         attach_scores(raw, baseline, entries)
+        write_lm_eval_results(results, device, report_path(artifacts_dir, loaded.recipe.name).parent, log)
     info = DeviceInfo(status="done", fingerprint=ec.fingerprint, fingerprint_hash=ec.fingerprint_hash,
                       bandwidth=bandwidth, suite=ec.suite.spec.name, suite_fingerprint=ec.suite.fingerprint[:16])
     return baseline, entries, info

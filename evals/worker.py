@@ -91,12 +91,13 @@ def run_tasks(job: dict) -> dict:
 
         session = get_runtime(runtime).open(path, device, threads, logits=True)
         lm = tasks.hf_lm(session.model, path)
+    native: dict = {}
     try:
-        scores = tasks.run(lm, t["include"], t["names"], t["limit"])
+        scores = tasks.run(lm, t["include"], t["names"], t["limit"], native=native)
     finally:
         if session is not None:
             session.close()
-    out = {"scores": scores, "runtime": runtime, "seconds": round(time.perf_counter() - t0, 2)}
+    out = {"scores": scores, "runtime": runtime, "seconds": round(time.perf_counter() - t0, 2), "lm_eval": native}
     if runtime == "llama_cpp":  # what the scorer process held beside llama.cpp ([] unless isolation failed)
         out["modules_beside_llama_cpp"] = lm.scorer_info["modules_beside_llama_cpp"]
     return out

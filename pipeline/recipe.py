@@ -32,7 +32,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 
 from pipeline.errors import InvalidInput, Problem
 from pipeline.spec import NAME_MAX, NAME_PATTERN, GateSpec, Strict
-from pipeline.targets import KINDS, declaration, settings_classes, unknown_kind_message
+from pipeline.targets import declaration, registered, settings_classes, unknown_kind_message
 
 
 # --------------------------------------------------------------------- source
@@ -81,7 +81,7 @@ def _target_union():
 
 
 Target = _target_union()
-TARGET_KINDS = tuple(KINDS)
+TARGET_KINDS = tuple(registered())
 
 
 # -------------------------------------------------------------------- evals
@@ -348,7 +348,7 @@ def _allowed_keys(parent: tuple, data: Any) -> list[str]:
         if isinstance(part, int):
             if model is _TARGETS_SENTINEL:
                 kind = node.get("kind") if isinstance(node, dict) else None
-                model = declaration(kind).settings if kind in KINDS else None
+                model = declaration(kind).settings if kind in TARGET_KINDS else None
             continue
         fields = getattr(model, "model_fields", {})
         if part == "targets":

@@ -85,6 +85,9 @@ def test_gguf_worker_keeps_llama_cpp_alone(f32_gguf, reference, heldout_text, tm
     assert out["modules_beside_llama_cpp"] == []  # the worker: speed and accuracy
     assert out["tasks"]["modules_beside_llama_cpp"] == []  # the scorer that served lm-eval
     assert out["tasks"]["scores"]["kjv_word4"]["samples"] == 8
+    native = out["tasks"]["lm_eval"]  # lm-eval's own results block, written beside report.json by the eval
+    assert native["results"]["kjv_word4"]["acc,none"] == out["tasks"]["scores"]["kjv_word4"]["value"]
+    assert native["n-samples"]["kjv_word4"]["effective"] == 8
 
 
 def test_a_process_holding_llama_cpp_refuses_what_cannot_share_it():

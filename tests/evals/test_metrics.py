@@ -148,10 +148,13 @@ def test_device_resolution_records_absent_devices_as_pending():
     assert gpu_class("NVIDIA H200") == "h200"
     here = present_devices()
     assert "cpu" in here
-    now, pending = resolve_devices("auto", ["cpu", "h9000"])
-    assert now == ["cpu"] and pending == ["h9000"]
+    absent = "gb300" if "gb300" not in here else "b100"  # known GPU classes, absent here
+    now, pending = resolve_devices("auto", ["cpu", absent])
+    assert now == ["cpu"] and pending == [absent]
     with pytest.raises(InvalidInput, match="not present"):
-        resolve_devices("h9000", ["cpu", "h9000"])
+        resolve_devices(absent, ["cpu", absent])
+    with pytest.raises(InvalidInput, match="h9000"):  # not a device name at all
+        resolve_devices("h9000", ["cpu"])
 
 
 def test_the_decode_ceiling_counts_the_stored_weights_a_token_reads(mini_model):

@@ -149,6 +149,9 @@ def test_real_model_formats_differ_and_the_gates_reject_what_they_should(smollm2
     word4 = rep.baseline["cpu"].tasks["kjv_word4"]
     assert word4.samples == 40 and word4.value > 0.5
     assert q3.evals["cpu"].tasks["kjv_word4"].delta_stderr is not None
+    # lm-eval's own results JSON per model beside report.json, with the same numbers.
+    native = json.loads((report_path(artifacts, "smol").parent / "lm_eval" / "cpu" / "source.json").read_text())
+    assert native["results"]["kjv_word4"]["acc,none"] == word4.value
     convert = next(s for s in rep.stages if s.name == "gguf/convert")
     assert convert.status == "built"
     # The converter recognised SmolLM's tokenizer (no override needed) and kept its merges.
