@@ -121,7 +121,7 @@ def quantforge_speed(path: Path, threads: int, gen: int, device: str, work: Path
 # ------------------------------------------------------------------ inputs
 def make_ggufs(a, work: Path) -> tuple[list[tuple[str, Path]], Path | None, str]:
     """(label, file) per type, the source model folder (None with --gguf), and the eval suite's text."""
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.core.runner import execute
     from pipeline.data.suites import load_suite
     from pipeline.backends import llamacpp

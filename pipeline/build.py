@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import pipeline
-from pipeline.core.plan import Plan, make_plan
+from pipeline.plan import Plan, make_plan
 from pipeline.core.report import ArtifactReport, SourceReport, StageRecord, report_path, updating
 from pipeline.core.runner import StageResult, execute, stage_keys
 from pipeline.errors import StageFailed

@@ -46,7 +46,7 @@ def load_report(path: Path, artifacts_dir: Path):
 
 def plan_rows(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, device: str = "auto"):
     """(stage, key, status) for every build stage and every eval stage, without running anything."""
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.core.runner import stage_keys, stage_status
 
     loaded = load_recipe(recipe_path)

@@ -33,7 +33,7 @@ TARGETS = """\
 
 
 def _plan(tmp: Path, model: Path, targets: str):
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.validation import load_recipe
 
     recipe = tmp / "recipe.yaml"

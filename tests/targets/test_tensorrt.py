@@ -108,7 +108,7 @@ evals: {{devices: [cpu], context: 128}}
 
 
 def _plan(write_recipe, targets: str, tmp_path):
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.validation import load_recipe
 
     return make_plan(load_recipe(write_recipe(RECIPE.format(targets=targets))), tmp_path / "artifacts")
