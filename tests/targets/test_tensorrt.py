@@ -226,7 +226,7 @@ def test_verification_catches_a_wrong_scale(fp8_checkpoint, mini_model, tmp_path
 
 
 def test_plain_transformers_is_refused(fp8_checkpoint, mini_model):
-    from pipeline.targets.tensorrt.checkpoint import ModelOptCheckpointRefused, refuse_plain_transformers
+    from pipeline.backends.modelopt import ModelOptCheckpointRefused, refuse_plain_transformers
 
     out, _ = fp8_checkpoint
     with pytest.raises(ModelOptCheckpointRefused, match="vLLM") as exc:
