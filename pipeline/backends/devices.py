@@ -60,10 +60,8 @@ def cpu_threads_default() -> int:
 @lru_cache(maxsize=1)
 def cuda_gpus() -> tuple[dict, ...]:
     """Name, memory and compute capability of each CUDA GPU torch sees (empty without torch/CUDA)."""
-    import shutil
-
     # Without an NVIDIA driver there is nothing to find: skip importing torch (seconds) for it.
-    if not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
+    if not (os.path.exists("/dev/nvidiactl") or nvidia_gpus()):
         return ()
     try:
         import torch
@@ -121,13 +119,39 @@ def resolve_devices(requested: str, wanted: list[str]) -> tuple[list[str], list[
     return [requested], [d for d in wanted if d != requested and d not in here]
 
 
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError, IndexError):
+def nvidia_smi(*args: str, timeout: float = 20) -> str | None:
+    """nvidia-smi's output for these arguments, or None where there is no working one: the one
+    place quantforge asks the NVIDIA driver (it needs no torch, which plan-time checks and
+    llama.cpp's processes must not import)."""
+    import shutil
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
         return None
+    try:
+        proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+@lru_cache(maxsize=1)
+def nvidia_gpus() -> tuple[dict, ...]:
+    """Each NVIDIA GPU the driver lists: name, memory (MiB), compute capability, driver version."""
+    out = nvidia_smi("--query-gpu=name,memory.total,compute_cap,driver_version", "--format=csv,noheader,nounits")
+    gpus = []
+    for line in (out or "").strip().splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) != 4:
+            continue
+        name, mem, cap, driver = parts
+        gpus.append({"name": name, "memory_mib": int(mem) if mem.isdigit() else None, "capability": cap, "driver": driver})
+    return tuple(gpus)
+
+
+def _nvidia_driver() -> str | None:
+    gpus = nvidia_gpus()
+    return gpus[0]["driver"] if gpus else None
 
 
 @lru_cache(maxsize=None)

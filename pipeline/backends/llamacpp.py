@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version as dist_version
 from pathlib import Path
 from typing import Callable, Sequence
@@ -55,15 +53,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "quantforge").expanduser()
 
 
-@lru_cache(maxsize=1)
 def _nvidia_gpu_present() -> bool:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return False
-    try:
-        return subprocess.run([exe, "-L"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+    from pipeline.backends.devices import nvidia_gpus
+
+    return bool(nvidia_gpus())
 
 
 def tools_dir() -> Path:

@@ -177,3 +177,24 @@ def test_the_decode_ceiling_counts_the_stored_weights_a_token_reads(mini_model):
     r = roofline(None, expected, 100.0)
     assert r["bound_tps"] == pytest.approx(100e9 / expected, rel=1e-3) and "pct" not in r
     assert roofline(r["bound_tps"] / 2, expected, 100.0)["pct"] == pytest.approx(50.0, abs=0.1)
+
+
+def test_the_accelerator_probe_answers_once_without_torch():
+    """One probe asks the NVIDIA driver (nvidia-smi, no torch): what it lists is what llama.cpp's build
+    choice and the TensorRT engine checks see; without a driver it lists nothing, and nothing breaks."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.backends import devices, llamacpp
+
+    gpus = devices.nvidia_gpus()
+    assert llamacpp._nvidia_gpu_present() == bool(gpus)
+    if shutil.which("nvidia-smi") is None:
+        assert gpus == () and devices.nvidia_smi("-L") is None
+    else:
+        assert all(g["name"] and g["capability"] for g in gpus)
+    code = "import sys\nfrom pipeline.backends import devices\ndevices.nvidia_gpus()\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False", out.stderr
