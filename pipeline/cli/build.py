@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli.executor_options import Address, Executor, executor_for
 from pipeline.cli.common import ArtifactsDir, RecipeArg, Targets, exits, log
 
 app = typer.Typer()
@@ -14,9 +15,11 @@ def build(
     recipe: Path = RecipeArg,
     target: list[str] = Targets,
     artifacts_dir: Path = ArtifactsDir,
+    executor: str = Executor,
+    address: str = Address,
 ) -> None:
     """Build artifacts (cached: unchanged stages are not rebuilt) and write report.json."""
     from pipeline.workflow import run_build
 
-    with exits():
+    with exits(), executor_for(recipe, executor, address):
         raise typer.Exit(run_build(recipe, artifacts_dir, target or None, log=log))
