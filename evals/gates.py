@@ -88,7 +88,7 @@ def failed_checks(gates: GateResult | None) -> list[str]:
 
 
 def required_devices(recipe) -> list[str]:
-    return list(recipe.gates.required_devices or recipe.pipeline.backends.devices)
+    return list(recipe.gates.required_devices or recipe.evals.devices)
 
 
 def judge(report, recipe) -> None:
