@@ -126,3 +126,18 @@ def test_execution_is_not_part_of_what_a_recipe_builds(tmp_path):
     assert on_ray.execution.workers == 2 and plain.execution is None
     assert plain.sha256() == on_ray.sha256(), "switching executors keeps the report and the stage keys"
     assert "execution" not in on_ray.model_dump(mode="json")
+
+
+def test_cli_refuses_bad_executor_flags_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli.main import app
+
+    recipe = _recipe(tmp_path)
+    artifacts = tmp_path / "artifacts"
+    for args, says in ((["build", str(recipe), "--executor", "dask"], "choose one of local, ray"),
+                       (["eval", str(recipe), "--address", "10.0.0.1:6379"], "needs --executor ray")):
+        result = CliRunner().invoke(app, args + ["--artifacts-dir", str(artifacts)])
+        assert result.exit_code == 2, result.output
+        assert says in result.output
+    assert not artifacts.exists(), "nothing written"
