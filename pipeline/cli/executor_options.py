@@ -14,7 +14,7 @@ Executor = typer.Option(
 )
 Address = typer.Option(
     None, "--address", metavar="ADDR", show_default=False,
-    help="The Ray cluster to join with --executor ray (host:port, ray://host:10001, or auto). Default: the recipe's execution.address, else RAY_ADDRESS, else a local cluster.",
+    help="The Ray cluster to join with --executor ray (host:port of its head, or auto: the one started on this machine). Default: the recipe's execution.address, else RAY_ADDRESS, else a local cluster.",
 )
 
 
