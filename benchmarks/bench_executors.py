@@ -57,14 +57,14 @@ def one_run(executor: str, recipe: Path, work: Path, out: Path) -> dict:
     load_after = os.getloadavg()
     wall = run.t1 - run.t0
     name = next(line for line in recipe.read_text().splitlines() if line.startswith("name:")).split(":", 1)[1].strip()
-    report = json.loads((artifacts / name / "report.json").read_text()) if run.returncode == 0 else {}
+    report = json.loads((artifacts / name / "report.json").read_text()) if run.rc == 0 else {}
     built = [s for s in report.get("stages", []) if s.get("status") == "built" and s.get("started")]
     spans = [(_t(s["started"]), _t(s["ended"])) for s in built]
     ray_up = next((t - run.t0 for t, line in run.lines if line.startswith("[ray] ")), None)
     return {
         "executor": executor,
         "command": " ".join(str(a) for a in argv),
-        "returncode": run.returncode,
+        "returncode": run.rc,
         "wall_s": round(wall, 1),
         "build_span_s": round(max(b for _, b in spans) - min(a for a, _ in spans), 1) if spans else None,
         "build_stage_seconds_sum": round(sum(s["seconds"] for s in built), 1),

@@ -40,7 +40,10 @@ def connect(choice: ExecutorChoice, log: Log) -> dict:
     """Join the cluster at `choice.address`, or start a local one (once per process)."""
     import ray
 
-    if ray.is_initialized() and _session:
+    if ray.is_initialized():
+        # Ours from an earlier command of this process, or the caller's own ray.init(): use it as is.
+        if not _session:
+            _session.update(local=False, dashboard=None)
         return _session
     quiet = {"log_to_driver": False, "logging_level": "WARNING"}  # stage logs come back through the events queue
     if choice.address:
