@@ -18,7 +18,9 @@ ray = pytest.importorskip("ray")
 
 
 def write_after_pause(ctx) -> dict:
-    time.sleep(1.5)
+    for i in range(3):  # log lines travel to the driver while the stage runs
+        ctx.log(f"pausing {i}")
+        time.sleep(0.5)
     (ctx.out_dir / "out.txt").write_text(ctx.stage.name)
     return {"wrote": ctx.stage.name}
 
@@ -49,6 +51,7 @@ def test_independent_stages_overlap_and_a_failure_skips_only_its_dependents(clus
     stages = [
         _stage("a/build", write_after_pause),
         _stage("b/build", write_after_pause),
+        _stage("d/build", write_after_pause),
         _stage("a/use", read_input, {"up": "a/build"}),
         _stage("c/build", fail),
         _stage("c/use", read_input, {"up": "c/build"}),
@@ -58,22 +61,57 @@ def test_independent_stages_overlap_and_a_failure_skips_only_its_dependents(clus
         results = execute(stages, tmp_path, log=lines.append, logs_dir=tmp_path / "logs")
     assert list(results) == [s.name for s in stages], "results come back in plan order"
     status = {n: r.status for n, r in results.items()}
-    assert status == {"a/build": "built", "b/build": "built", "a/use": "built", "c/build": "failed", "c/use": "skipped"}
+    assert status == {"a/build": "built", "b/build": "built", "d/build": "built", "a/use": "built", "c/build": "failed",
+                      "c/use": "skipped"}
     assert "broken on purpose" in results["c/build"].reason
     assert "needs c/build" in results["c/use"].reason
     assert results["a/use"].output.result == {"read": "a/build"}
     a, b = results["a/build"], results["b/build"]
     assert a.pid != b.pid, "two workers ran the two independent stages"
     assert a.started < b.ended and b.started < a.ended, "and at the same time"
+    spans = [(r.started, r.ended) for r in results.values() if r.status != "skipped"]
+    assert max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans) == 2, "never more stages than the 2 CPUs"
     assert all(r.node == results["a/build"].node and len(r.node) > 20 for r in (a, b)), "a Ray node id"
     assert any(line.startswith("[a/build] started on ") for line in lines), lines
     assert "[a/build] running (test-a-build)" in lines, "the stage's own log lines reach the driver"
+    assert [m for m in lines if m.startswith("[b/build] pausing")] == [f"[b/build] pausing {i}" for i in range(3)], "in order"
     assert (tmp_path / "logs" / "c__build.log").read_text().count("broken on purpose") >= 1
 
     with using(cluster):
         again = execute(stages[:3], tmp_path, log=lines.append)
     assert {r.status for r in again.values()} == {"hit"}
     assert {r.node for r in again.values()} == {"driver"}, "stored outputs are answered without a task"
+
+
+def count_and_write(ctx) -> dict:
+    with open(ctx.artifacts_dir / "runs.txt", "a") as f:  # outside the store: every run leaves a line
+        f.write(f"{ctx.stage.name}\n")
+    time.sleep(1.5)
+    (ctx.out_dir / "out.txt").write_text("once")
+    return {}
+
+
+def test_two_runs_that_reach_for_the_same_stage_build_it_once(cluster, tmp_path):
+    import threading
+
+    from pipeline.core.executors.ray_executor import connect
+
+    connect(cluster, lambda m: None)  # once, before two threads use the session
+    stage = _stage("shared/build", count_and_write)
+    results: list = []
+
+    def one_driver() -> None:
+        with using(cluster):
+            results.append(execute([stage], tmp_path, log=lambda m: None)["shared/build"])
+
+    threads = [threading.Thread(target=one_driver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status for r in results) == ["built", "hit"], [(r.status, r.reason) for r in results]
+    assert results[0].pid != results[1].pid, "two workers reached for it at once"
+    assert (tmp_path / "runs.txt").read_text() == "shared/build\n", "the second waited on the key's lock, then found it"
 
 
 def _recipe(tmp_path: Path, execution: str = "") -> Path:

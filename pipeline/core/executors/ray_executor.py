@@ -45,7 +45,7 @@ def connect(choice: ExecutorChoice, log: Log) -> dict:
         if not _session:
             _session.update(local=False, dashboard=None)
         return _session
-    quiet = {"log_to_driver": False, "logging_level": "WARNING"}  # stage logs come back through the events queue
+    quiet = {"log_to_driver": False, "logging_level": "WARNING"}  # stage logs come back through the Events actor
     if choice.address:
         context = ray.init(address=choice.address, **quiet)
     else:
@@ -75,7 +75,6 @@ def execute_on_ray(choice: ExecutorChoice, stages: list[Stage], artifacts_dir: P
                    logs_dir: Path | None, progress: Callable[[StageResult], None] | None,
                    outside: dict[str, StageOutput]) -> dict[str, StageResult]:
     import ray
-    from ray.util.queue import Empty, Queue
 
     session = connect(choice, log)
     store = Store(artifacts_dir)
@@ -86,7 +85,7 @@ def execute_on_ray(choice: ExecutorChoice, stages: list[Stage], artifacts_dir: P
         store.clean_stale_tmp()
     gpus = float(ray.cluster_resources().get("GPU", 0))
     remote = ray.remote(_on_worker)
-    events = Queue(actor_options={"num_cpus": 0})
+    events = ray.remote(Events).options(num_cpus=0).remote()
     threads_env = os.environ.get("QUANTFORGE_THREADS")
     in_this_list = {s.name for s in stages}
     results: dict[str, StageResult] = {}
@@ -100,13 +99,10 @@ def execute_on_ray(choice: ExecutorChoice, stages: list[Stage], artifacts_dir: P
             progress(result)
 
     def drain() -> None:
-        while True:
-            try:
-                what, name, payload = events.get_nowait()
-            except Empty:
-                return
+        for what, name, payload in ray.get(events.take.remote()):
             if what == "log":
-                log(payload)
+                if payload is not None:  # None: a stage's end-of-log marker
+                    log(payload)
                 continue
             starts[name] = starts.get(name, 0) + 1
             again = " again (its worker was lost: Ray retried it)" if starts[name] > 1 else ""
@@ -143,7 +139,7 @@ def execute_on_ray(choice: ExecutorChoice, stages: list[Stage], artifacts_dir: P
     finally:
         for ref in running:
             ray.cancel(ref, force=True)
-        ray.kill(events.actor)
+        ray.kill(events)
     if session["local"]:
         store.clean_stale_tmp()  # what a killed worker was writing (its retry wrote the entry)
     return {s.name: results[s.name] for s in stages}
@@ -184,6 +180,25 @@ def _collect(ray, ref, stage: Stage, key: str, choice: ExecutorChoice, log: Log)
     return StageResult(stage=stage, **fields)
 
 
+class Events:
+    """Stage events (starts, log lines) from the workers to the driver, which takes them as it polls.
+
+    A plain actor, called without waiting: a task blocked in ``ray.get`` lends its CPU to
+    another task, which would then run beside it on a core it does not have (a
+    ``ray.util.queue.Queue`` put does that). Calls from one worker run in the order made.
+    """
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def put(self, item) -> None:
+        self.items.append(item)
+
+    def take(self) -> list:
+        items, self.items = self.items, []
+        return items
+
+
 def _on_worker(stage: Stage, keys: dict[str, str], inputs: dict[str, StageOutput], artifacts_dir: str,
                logs_dir: str | None, events, threads: str) -> dict:
     """Inside a Ray task: run one stage through the store, stream its log lines to the driver."""
@@ -195,11 +210,13 @@ def _on_worker(stage: Stage, keys: dict[str, str], inputs: dict[str, StageOutput
     # Torch threads follow the CPUs Ray gave this task, so concurrent stages on a node do not
     # fight for cores (placement.py reads QUANTFORGE_THREADS). Workers are reused: set every time.
     os.environ["QUANTFORGE_THREADS"] = threads
-    events.put(("start", stage.name, {"host": socket.gethostname(), "node": node, "pid": os.getpid()}))
+    events.put.remote(("start", stage.name, {"host": socket.gethostname(), "node": node, "pid": os.getpid()}))
 
     def log(msg: str) -> None:
-        events.put(("log", stage.name, msg))
+        events.put.remote(("log", stage.name, msg))
 
     result = run_stage(stage, keys, inputs, Store(Path(artifacts_dir)), Path(artifacts_dir), log,
                        Path(logs_dir) if logs_dir else None, node=node)
+    # The stage is done: waiting here costs no one a core, and its last lines reach the driver first.
+    ray.get(events.put.remote(("log", stage.name, None)))
     return {k: v for k, v in vars(result).items() if k != "stage"}
