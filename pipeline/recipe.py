@@ -144,6 +144,26 @@ class RegistrySpec(Strict):
 
 
 # ------------------------------------------------------------------- recipe
+class ExecutionSpec(Strict):
+    """Where the stages run; `--executor`/`--address` override it. Kept out of the recipe's hash
+    (and its report): how a recipe runs does not change what it builds.
+
+    ```yaml
+    execution:
+      executor: ray            # local (default: this process) | ray
+      address: auto            # a running Ray cluster; unset: RAY_ADDRESS, else a local one
+      resources:               # per target name (or source, calibration, eval)
+        w4a16-gptq: {num_gpus: 0.5, memory_gb: 40}   # two such stages may share one GPU
+    ```
+    """
+
+    executor: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int | None = Field(None, ge=1)  # CPUs of a local Ray cluster (default: this machine's)
+    max_retries: int = Field(3, ge=0, le=100)  # re-runs of a stage whose worker died
+    resources: dict[str, dict[Literal["num_gpus", "num_cpus", "memory_gb"], Annotated[float, Field(ge=0)]]] = {}
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     description: str = ""
@@ -153,6 +173,7 @@ class Recipe(Strict):
     evals: EvalSpec = EvalSpec()
     gates: GateSpec = GateSpec()
     registry: RegistrySpec = RegistrySpec()
+    execution: ExecutionSpec | None = Field(None, exclude=True)
 
     def target(self, name: str):
         for t in self.targets:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli.executor_options import Address, Executor, executor_for
 from pipeline.cli.verbosity import Quiet, Verbose, apply as apply_verbosity
 from pipeline.cli.common import ArtifactsDir, Device, RecipeArg, Targets, TrackingUri, exits, log
 
@@ -18,6 +19,8 @@ def run(
     fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 3 when an artifact fails its gates."),
     no_register: bool = typer.Option(False, "--no-register", help="Build and evaluate only."),
     artifacts_dir: Path = ArtifactsDir,
+    executor: str = Executor,
+    address: str = Address,
     tracking_uri: str = TrackingUri,
     verbose: int = Verbose,
     quiet: bool = Quiet,
@@ -26,6 +29,6 @@ def run(
     from pipeline.workflow import run_all
 
     apply_verbosity(verbose, quiet)
-    with exits():
+    with exits(), executor_for(recipe, executor, address):
         raise typer.Exit(run_all(recipe, artifacts_dir, device, fail_on_gate, not no_register, tracking_uri, log=log,
                                    targets=target or None))

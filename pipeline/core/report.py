@@ -234,6 +234,13 @@ class StageRecord(Loose):
     reason: str | None = None
     target: str | None = None
     log: str | None = None
+    # Where and when it ran: host, node (a Ray node id; the host name locally), process id,
+    # UTC start and end (ISO 8601, ms): overlapping intervals are stages that ran at once.
+    host: str | None = None
+    node: str | None = None
+    pid: int | None = None
+    started: str | None = None
+    ended: str | None = None
 
 
 class RegistryInfo(Loose):

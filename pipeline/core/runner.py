@@ -7,11 +7,17 @@ is built again and replaces it, so "rebuild it" is what `quantforge build` does.
 A failed stage leaves nothing in the store; stages that need it are skipped with
 the reason, and independent stages still run. Build stages and eval stages run
 here alike.
+
+Where they run is the executor's business (:mod:`pipeline.core.executors`): this
+process, one stage after another (the default), or a Ray cluster, each stage a task.
+Both run a stage through :func:`run_stage`, so a stage behaves the same anywhere.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -167,6 +173,14 @@ class StageResult:
     reason: str | None = None
     seconds: float = 0.0
     log_file: Path | None = None
+    # Where and when it ran (the report's stage records say it): the host and the executor's
+    # node id (the host name locally, a Ray node id on a cluster), the process, wall-clock
+    # start and end (epoch seconds).
+    host: str | None = None
+    node: str | None = None
+    pid: int | None = None
+    started: float | None = None
+    ended: float | None = None
 
 
 def stage_keys(stages: list[Stage]) -> dict[str, str]:
@@ -198,21 +212,37 @@ def execute(
     progress: Callable[[StageResult], None] | None = None,
     inputs: dict[str, StageOutput] | None = None,
 ) -> dict[str, StageResult]:
-    """Run `stages` in order; `inputs` are outputs of stages outside this list (already run)."""
+    """Run `stages` (in order, or as their inputs allow); `inputs` are outputs of stages outside this list.
+
+    The executor chosen with :func:`pipeline.core.executors.using` runs them (this process
+    when none was chosen: today's behaviour, stage after stage).
+    """
+    from pipeline.core.executors import current
+
+    keys = keys or stage_keys(stages)
+    chosen = current()
+    if chosen is not None and chosen.executor != "local":
+        from pipeline.core.executors.ray_executor import execute_on_ray
+
+        return execute_on_ray(chosen, stages, Path(artifacts_dir), log, keys, logs_dir, progress, inputs or {})
     store = Store(artifacts_dir)
     store.clean_stale_tmp()
-    keys = keys or stage_keys(stages)
     results: dict[str, StageResult] = {}
     for stage in stages:
-        results[stage.name] = _run_one(stage, keys, results, inputs or {}, store, Path(artifacts_dir), log, logs_dir)
+        ready = resolve_inputs(stage, keys[stage.name], results, inputs or {})
+        if isinstance(ready, StageResult):
+            results[stage.name] = ready
+        else:
+            results[stage.name] = run_stage(stage, keys, ready, store, Path(artifacts_dir), log, logs_dir)
         if progress:
             progress(results[stage.name])
     return results
 
 
-def _run_one(stage: Stage, keys, results, outside: dict[str, StageOutput], store: Store, artifacts_dir: Path,
-             log: Log, logs_dir: Path | None) -> StageResult:
-    key = keys[stage.name]
+def resolve_inputs(stage: Stage, key: str, results: dict[str, StageResult],
+                   outside: dict[str, StageOutput]) -> dict[str, StageOutput] | StageResult:
+    """The outputs a stage reads, or the StageResult that skips it (skipped at plan time, or an
+    input that did not complete: a failure fails only what depends on it)."""
     if stage.skip_reason:
         return StageResult(stage, key, "skipped", reason=stage.skip_reason)
     inputs: dict[str, StageOutput] = {}
@@ -225,6 +255,25 @@ def _run_one(stage: Stage, keys, results, outside: dict[str, StageOutput], store
             why = r.reason if r else "not run"
             return StageResult(stage, key, "skipped", reason=f"needs {upstream}, which did not complete ({why})")
         inputs[local] = r.output
+    return inputs
+
+
+def run_stage(stage: Stage, keys: dict[str, str], inputs: dict[str, StageOutput], store: Store, artifacts_dir: Path,
+              log: Log, logs_dir: Path | None, node: str | None = None) -> StageResult:
+    """One stage through the store's run-once mechanism: a hit, built, or failed (never raises but
+    for invalid input). The same code runs in this process and inside a Ray task."""
+    started = time.time()
+    where = {"host": socket.gethostname(), "node": node or socket.gethostname(), "pid": os.getpid(), "started": started}
+    result = _run_stage(stage, keys, inputs, store, artifacts_dir, log, logs_dir)
+    for k, v in where.items():
+        setattr(result, k, v)
+    result.ended = time.time()
+    return result
+
+
+def _run_stage(stage: Stage, keys, inputs: dict[str, StageOutput], store: Store, artifacts_dir: Path,
+               log: Log, logs_dir: Path | None) -> StageResult:
+    key = keys[stage.name]
     log_file = _log_file(stage, logs_dir)
     stage_log = _stage_logger(stage, log, log_file)
     start = time.perf_counter()
