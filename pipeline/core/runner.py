@@ -396,7 +396,8 @@ def _stage_logger(stage: Stage, log: Log, log_file: Path | None) -> Log:
         if log_file is not None:
             _append(log_file, msg)
         if (log_file is None or VERBOSITY > 0) and "Traceback" not in msg and "\n" not in msg.strip():
-            if _ACTIVE:  # the terminal itself: `log` writes to stdout, which goes to this file now
+            if _ACTIVE and not getattr(log, "captures_safe", False):
+                # the terminal itself: `log` writes to stdout, which goes to this file now
                 _ACTIVE[-1].write_terminal(f"[{stage.name}] {msg}\n")
             else:
                 log(f"[{stage.name}] {msg}")

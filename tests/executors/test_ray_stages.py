@@ -56,9 +56,15 @@ def test_independent_stages_overlap_and_a_failure_skips_only_its_dependents(clus
         _stage("c/build", fail),
         _stage("c/use", read_input, {"up": "c/build"}),
     ]
+    from pipeline.core.runner import set_verbosity
+
     lines: list[str] = []
-    with using(cluster):
-        results = execute(stages, tmp_path, log=lines.append, logs_dir=tmp_path / "logs")
+    set_verbosity(1)  # -v: a stage's own lines reach the terminal too (by default only its log file)
+    try:
+        with using(cluster):
+            results = execute(stages, tmp_path, log=lines.append, logs_dir=tmp_path / "logs")
+    finally:
+        set_verbosity(0)
     assert list(results) == [s.name for s in stages], "results come back in plan order"
     status = {n: r.status for n, r in results.items()}
     assert status == {"a/build": "built", "b/build": "built", "d/build": "built", "a/use": "built", "c/build": "failed",

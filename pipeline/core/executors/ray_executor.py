@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.core.executors import ExecutorChoice, task_resources
+from pipeline.core import runner
 from pipeline.core.runner import StageResult, resolve_inputs, run_stage
 from pipeline.core.stage import Stage, StageOutput
 from pipeline.core.store import Store, verify_folder
@@ -126,7 +127,8 @@ def execute_on_ray(choice: ExecutorChoice, stages: list[Stage], artifacts_dir: P
                 options = task_resources(stage, choice, gpus)
                 threads = threads_env or str(max(1, int(options["num_cpus"])))
                 ref = remote.options(name=stage.name, max_retries=choice.max_retries, retry_exceptions=False, **options).remote(
-                    stage, keys, ready, str(artifacts_dir), str(logs_dir) if logs_dir else None, events, threads)
+                    stage, keys, ready, str(artifacts_dir), str(logs_dir) if logs_dir else None, events, threads,
+                    runner.VERBOSITY)
                 running[ref] = stage
             if not running:
                 continue
@@ -200,7 +202,7 @@ class Events:
 
 
 def _on_worker(stage: Stage, keys: dict[str, str], inputs: dict[str, StageOutput], artifacts_dir: str,
-               logs_dir: str | None, events, threads: str) -> dict:
+               logs_dir: str | None, events, threads: str, verbosity: int = 0) -> dict:
     """Inside a Ray task: run one stage through the store, stream its log lines to the driver."""
     import socket
 
@@ -210,10 +212,13 @@ def _on_worker(stage: Stage, keys: dict[str, str], inputs: dict[str, StageOutput
     # Torch threads follow the CPUs Ray gave this task, so concurrent stages on a node do not
     # fight for cores (placement.py reads QUANTFORGE_THREADS). Workers are reused: set every time.
     os.environ["QUANTFORGE_THREADS"] = threads
+    runner.set_verbosity(verbosity)  # the driver's -v/-q: what of a stage's output reaches its terminal
     events.put.remote(("start", stage.name, {"host": socket.gethostname(), "node": node, "pid": os.getpid()}))
 
     def log(msg: str) -> None:
         events.put.remote(("log", stage.name, msg))
+
+    log.captures_safe = True  # sends to the driver, not to stdout: callable while the stage's output is captured
 
     result = run_stage(stage, keys, inputs, Store(Path(artifacts_dir)), Path(artifacts_dir), log,
                        Path(logs_dir) if logs_dir else None, node=node)
