@@ -52,6 +52,15 @@ shared object; each step relies on something MLflow's SQL store guarantees:
   model_registry/sqlalchemy_store.py:1468 and :1530; store/db/utils.py:186-188; the client does not
   retry 4xx): :func:`pipeline.registry.tracking.retry_races` repeats them. Run tags are
   retried by MLflow itself (store/tracking/sqlalchemy_store.py:2258-2275).
+* *Writes after a look*: a job looks (searches, lists), then writes (creates, describes, tags,
+  sets aliases); between the two a parallel job may have deleted what it writes to as a
+  duplicate (its version, its artifact run, its build run). MLflow then answers
+  RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE for a deleted run
+  (:func:`pipeline.registry.tracking.is_race`), and the job repeats the step from the look,
+  which finds and adopts what survived. A new version is created with its tags in the insert
+  and nothing else is written to it before that look, so a job never fails because its own
+  version was removed as a duplicate. ``QUANTFORGE_TEST_REGISTRY_DELAY_S`` (a test hook, in
+  tracking.py) pauses at random before each call, so a test can make jobs interleave.
 * *The report*: no job rewrites a shared report. Each uploads its own part once, named by
   its content's digest (parts.py); everything registered about the build (gates,
   recommendations, metrics, tags, descriptions, aliases, the report.json view) is then
@@ -78,6 +87,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -92,7 +102,7 @@ from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
 from pipeline.registry import cards, parts as P, promotion
 from pipeline.registry.tracking import (
     EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MAX_BATCH_METRICS, MAX_BATCH_PARAMS_TAGS, MAX_PARAM_VALUE,
-    TAG_PREFIX, check_reachable, client as make_client, first_line, flatten, is_connection_error, key, local_artifact_root,
+    TAG_PREFIX, check_reachable, client as make_client, first_line, flatten, is_connection_error, is_race, key, local_artifact_root,
     quiet, quote, retry_races, tag_value, tracking_uri_for, ui_hint,
 )
 
@@ -101,6 +111,7 @@ REF_FILE = "ARTIFACT_REF.json"
 JOB_TAG = f"{TAG_PREFIX}job"
 LEASE_S = 3600.0
 MAX_ROUNDS = 30
+RACE_ATTEMPTS = 8  # looks again after losing to a parallel job, per step (each loss means that job made progress)
 
 
 def model_name_for(recipe_config: dict, recipe_name: str, artifact: ArtifactReport) -> str:
@@ -175,7 +186,8 @@ class Registration:
         self.host = socket.gethostname()
         self.job = f"{self.host}:{os.getpid()}:{int(time.time() * 1000)}"
         self.lease_s = float(os.environ.get("QUANTFORGE_REGISTER_LEASE_S", LEASE_S))
-        self.counts = {"runs_created": 0, "uploads": 0, "versions_created": 0, "duplicates_removed": 0, "metrics_logged": 0, "parts_uploaded": 0}
+        self.counts = {"runs_created": 0, "uploads": 0, "versions_created": 0, "duplicates_removed": 0, "metrics_logged": 0, "parts_uploaded": 0,
+                       "races": 0}
         self.failures: list[str] = []
         self.mine: set[str] = set()  # runs this job created
         self.parts = P.PartCache(self.client)
@@ -350,7 +362,7 @@ class Registration:
                 self._remove_version(name, mine.version)
                 self._delete_run(run.info.run_id)
                 self.log(f"register: {a.name}: {name} v{mv.version} has this content (registered at the same time by another job); "
-                         f"removed the duplicate v{mine.version}")
+                         f"adopted it and removed the duplicate v{mine.version}")
         # Remove duplicates of the canonical version left by jobs that stopped between creating and removing them.
         for v in self.client.search_model_versions(f"name = {quote(name)} and tags.content_sha256 = {quote(a.content_sha256)}"):
             if int(v.version) > int(mv.version):
@@ -388,12 +400,11 @@ class Registration:
             tags["gguf_file"] = gguf
         if referenced:
             tags["artifact_ref"] = run.data.tags.get(f"{TAG_PREFIX}artifact_ref") or "files not uploaded"
+        # Tags go in with the insert (one transaction); the description comes from the merge of all
+        # parts in apply(). Nothing is written to the version after the create here: a parallel job
+        # may delete it as the duplicate of its own at any moment (the caller adopts that one).
         mv = self.client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=tags,
                                               await_creation_for=None)
-        # Described from this job's report at once; every registration re-describes it from the merge of all parts.
-        mine = promotion.decide(self.report)
-        self.client.update_model_version(name, str(mv.version), description=cards.version_description(
-            mine, mine.artifact(a.name) or a, name, str(mv.version), self.uri, self.spec.promotion_alias, gguf))
         self.counts["versions_created"] += 1
         self.log(f"register: {a.name}: created {name} version {mv.version}")
         return mv
@@ -505,25 +516,34 @@ class Registration:
         from mlflow.exceptions import MlflowException
 
         seen: tuple | None = None
-        errors = 0
+        errors = races = 0
+        parent = merged = None
         for _ in range(MAX_ROUNDS):
-            parent = self.build_run(experiment_id, create=True)
-            names = P.list_parts(self.client, parent.info.run_id)
-            if P.upload_part(self.client, parent.info.run_id, mine, names):
-                self.counts["parts_uploaded"] += 1
-            names, merged = self.view(parent)
-            state = (parent.info.run_id, tuple(names))
-            if state == seen:
-                break
             try:
+                parent = self.build_run(experiment_id, create=True)
+                names = P.list_parts(self.client, parent.info.run_id)
+                if P.upload_part(self.client, parent.info.run_id, mine, names):
+                    self.counts["parts_uploaded"] += 1
+                names, merged = self.view(parent)
+                state = (parent.info.run_id, tuple(names))
+                if state == seen:
+                    break
                 self.apply(experiment_id, parent, merged, step=len(names))
             except MlflowException as exc:
                 if is_connection_error(exc):
                     raise
-                # e.g. the build run was folded into another one meanwhile: look again (not forever)
-                errors += 1
-                if errors >= 3:
-                    raise
+                # A parallel job deleted what this round wrote to (its duplicate build run, a
+                # duplicate version or run) or won an upsert: look again. Anything else (not forever).
+                if is_race(exc):
+                    races += 1
+                    self.counts["races"] += 1
+                    if races >= MAX_ROUNDS:
+                        raise
+                    time.sleep(min(2.0, 0.1 * 2**min(races, 5)) * (0.5 + random.random()))
+                else:
+                    errors += 1
+                    if errors >= 3:
+                        raise
                 self.log(f"register: {first_line(exc)}; looking again")
                 seen = None
                 continue
@@ -569,6 +589,7 @@ class Registration:
                     self.log(f"register: {a.name}: gates {why}; @{self.spec.promotion_alias} not moved")
         self.entries = self._entries(merged, versions, runs, moves)
         self._write_view(parent, merged, experiment_id)
+        self._log_files(parent)
 
     def _metric_keys(self, merged: Report) -> dict[str, list[str]]:
         """device -> metric names measured there for any model, so every run logs the same keys."""
@@ -770,8 +791,6 @@ class Registration:
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot register now"
             raise self.unavailable(exc) from None
         exp = self.experiment_id = self.experiment()
-        parent = self.build_run(exp, create=True)
-        self._log_files(parent)
         for a in self.report.artifacts:
             if (a.model_extra or {}).get("pulled") is False:
                 self.log(f"register: {a.name}: not on this machine ({(a.model_extra or {}).get('pull_reason') or 'not pulled'}); its registration stays as it is")
@@ -786,13 +805,26 @@ class Registration:
                 self.failures.append(f"{a.name}: {folder} has no {MANIFEST}")
                 continue
             try:
-                self.register_artifact(exp, a, folder)
+                self.racing(f"{a.name}: registration", lambda: self.register_artifact(exp, a, folder))
             except StageFailed as exc:
                 self.failures.append(str(exc))
         self.converge(exp, P.part_of(self.report))
-        parent = self.client.get_run(self.parent_id)
-        if parent.info.status != "FINISHED":
-            self.client.set_terminated(parent.info.run_id, "FINISHED")
+        self._finish(self.client.get_run(self.parent_id))
+
+    def racing(self, what: str, step: Callable[[], Any]) -> Any:
+        """Run a step that looks at the registry and then writes to it, again from the look when a
+        parallel job changed what it wrote to in between (see tracking.is_race): each step starts by
+        reading what the registry holds, so a repeat adopts what the other job left."""
+        for attempt in range(RACE_ATTEMPTS):
+            try:
+                return step()
+            except Exception as exc:  # noqa: BLE001 - re-raised unless a parallel job caused it
+                if not is_race(exc) or attempt == RACE_ATTEMPTS - 1:
+                    raise
+                self.counts["races"] += 1
+                self.log(f"register: {what}: a parallel job changed the registry meanwhile ({first_line(exc)}); looking again")
+                time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
 
 def register_report(report_path: Path, tracking_uri: str | None = None, log: Callable[[str], Any] = print) -> Report:
@@ -814,11 +846,19 @@ def register_report(report_path: Path, tracking_uri: str | None = None, log: Cal
     try:
         with quiet():
             reg.run()
-    except (RegistryUnavailable, InvalidInput):
+    except (RegistryUnavailable, InvalidInput, StageFailed):
         raise
     except Exception as exc:
         if is_connection_error(exc):
             raise reg.unavailable(exc) from exc
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(exc, (MlflowException, P.PartUnreadable)):
+            # The server refused a request (a race lost RACE_ATTEMPTS times, a permission, a limit):
+            # one line, and what is registered so far is consistent (every step is idempotent).
+            recipe = report.recipe_path or str(report_path)
+            raise StageFailed(f"MLflow at {uri} refused a request: {first_line(exc)}. What was registered is consistent; "
+                              f"`quantforge register {recipe}` again completes it") from exc
         raise
     with updating(report_path, report.recipe) as rep:
         rep.registry = RegistryInfo(tracking_uri=uri, experiment_id=reg.experiment_id, experiment_name=report.recipe,
@@ -833,7 +873,8 @@ def register_report(report_path: Path, tracking_uri: str | None = None, log: Cal
     c = reg.counts
     log(f"register: {len(reg.entries)} artifact(s) registered in {uri}: {c['runs_created']} run(s), {c['uploads']} upload(s), "
         f"{c['versions_created']} version(s) created, {c['metrics_logged']} metric value(s) logged"
-        + (f", {c['duplicates_removed']} duplicate version(s) of parallel jobs removed" if c["duplicates_removed"] else ""))
+        + (f", {c['duplicates_removed']} duplicate version(s) of parallel jobs removed" if c["duplicates_removed"] else "")
+        + (f", {c['races']} race(s) with parallel jobs resolved" if c["races"] else ""))
     for e in reg.entries.values():
         log(f"register:   {e.uri}" + (f"  @{' @'.join(e.aliases)}" if e.aliases else ""))
     run_ids = [reg.parent_id] + [e.run_id for e in reg.entries.values() if e.run_id]

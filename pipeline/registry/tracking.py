@@ -105,10 +105,45 @@ def ui_hint(tracking_uri: str, experiment_id: str | None, run_ids: list[str], po
 
 
 # ------------------------------------------------------------ the client
+#: Test hook: the most seconds to wait, at random, before each call a job makes to the tracking
+#: server (so a test can make parallel jobs interleave where on a quiet machine they never do).
+#: Read here only; unset (the default) changes nothing.
+DELAY_ENV = "QUANTFORGE_TEST_REGISTRY_DELAY_S"
+
+
+class _Delayed:
+    """The real client, with a random pause before each of its calls (see DELAY_ENV)."""
+
+    def __init__(self, real: Any, most_s: float):
+        self._real, self._most_s = real, most_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(random.uniform(0.0, self._most_s))
+            return attr(*args, **kwargs)
+
+        return call
+
+
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    real = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    delay = os.environ.get(DELAY_ENV, "").strip()
+    if delay:
+        try:
+            most_s = float(delay)
+        except ValueError:
+            from pipeline.errors import InvalidInput
+
+            raise InvalidInput(f"${DELAY_ENV}={delay!r} is not a number of seconds") from None
+        if most_s > 0:
+            return _Delayed(real, most_s)
+    return real
 
 
 @contextlib.contextmanager
@@ -180,6 +215,25 @@ def is_unique_race(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     return isinstance(exc, MlflowException) and error_code(exc) in ("BAD_REQUEST", "INTERNAL_ERROR") and bool(_UNIQUE_RACE.search(str(exc)))
+
+
+def is_gone(exc: BaseException) -> bool:
+    """What a job was writing to was removed by a parallel job: a model version it created that
+    another job deleted as a duplicate (RESOURCE_DOES_NOT_EXIST), or a run deleted as a duplicate
+    (MLflow refuses writes to a deleted run: INVALID_PARAMETER_VALUE "must be in the 'active'
+    state", store/tracking/sqlalchemy_store.py ``_check_run_is_active``)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    code = error_code(exc)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "must be in the 'active' state" in str(exc))
+
+
+def is_race(exc: BaseException) -> bool:
+    """A request that lost to a parallel job (see :func:`is_gone` and :func:`is_unique_race`):
+    looking again at what the registry holds now resolves it."""
+    return is_gone(exc) or is_unique_race(exc)
 
 
 def retry_races(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
