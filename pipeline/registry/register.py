@@ -108,6 +108,7 @@ from pipeline.registry.tracking import (
 
 ARTIFACT_DIR = "artifact"  # the artifact run's folder that a model version's source points at
 REF_FILE = "ARTIFACT_REF.json"
+RECIPE_ARTIFACT = "quantforge/recipe.yaml"  # on the build run
 JOB_TAG = f"{TAG_PREFIX}job"
 LEASE_S = 3600.0
 MAX_ROUNDS = 30
@@ -181,6 +182,9 @@ class Registration:
             raise InvalidInput(f"{report_path}: its recipe_config is not a recipe this quantforge reads "
                                f"({first_line(exc)}); register it with the quantforge version that built it, or build it again") from None
         self.spec = self.recipe.registry
+        if self.spec.promotion_alias == promotion.CHAMPION_ALIAS:
+            raise InvalidInput(f"{report.recipe_path or report_path}: registry.promotion_alias: {promotion.CHAMPION_ALIAS!r} is kept for "
+                               "people to promote by hand (quantforge never moves it); use another name, e.g. 'production'")
         self.user_tags = {key(k): str(v) for k, v in self.spec.tags.items()}
         self.client = make_client(tracking_uri)
         self.host = socket.gethostname()
@@ -569,16 +573,8 @@ class Registration:
             mvs[a.name] = mv
             versions[a.name] = (name, str(mv.version))
             runs[a.name] = self.artifact_run(experiment_id, a, mv, create=False)
-        keys = self._metric_keys(merged)
-        for a in merged.built():
-            if a.name not in versions:
-                continue
-            name, version = versions[a.name]
-            run = runs[a.name]
-            if run is not None:
-                self._describe_run(run, parent, merged, a, name, version, keys, step)
-            self._describe_version(mvs[a.name], merged, a)
-        self._describe_build(parent, merged, keys, step)
+        # Aliases first: each version's description offers a download by alias only where the
+        # model holds that alias (a model whose gates never passed has no @production).
         recipe_models = sorted({m.name for m in self.client.search_registered_models(f"tags.recipe = {quote(recipe)}")} | {n for n, _ in versions.values()})
         moves = promotion.plan_aliases(merged, versions, recipe_models, self.spec.promotion_alias)
         promotion.apply_aliases(self.client, moves, self.log)
@@ -587,7 +583,19 @@ class Registration:
                 if a.name in versions and a.gates is not None and not a.gates.promotable:
                     why = f"pending on {', '.join(a.gates.pending_devices)}" if a.gates.pending_devices else a.gates.status
                     self.log(f"register: {a.name}: gates {why}; @{self.spec.promotion_alias} not moved")
-        self.entries = self._entries(merged, versions, runs, moves)
+        held = self._held(sorted({n for n, _ in versions.values()}), moves)
+        keys = self._metric_keys(merged)
+        for a in merged.built():
+            if a.name not in versions:
+                continue
+            name, version = versions[a.name]
+            run = runs[a.name]
+            if run is not None:
+                self._describe_run(run, parent, merged, a, name, version, keys, step)
+            self._describe_version(mvs[a.name], merged, a, held.get(name, {}))
+        self._describe_build(parent, merged, keys, step)
+        self._describe_experiment(experiment_id, parent, merged)
+        self.entries = self._entries(merged, versions, runs, held)
         self._write_view(parent, merged, experiment_id)
         self._log_files(parent)
 
@@ -598,7 +606,7 @@ class Registration:
             names: dict[str, None] = {}
             for ev in [merged.baseline.get(device), *(a.evals.get(device) for a in merged.built())]:
                 if ev is not None:
-                    names.update(dict.fromkeys(ev.metrics.values()))
+                    names.update(dict.fromkeys(cards.entry_values(ev)))
             keys[device] = list(names)
         return keys
 
@@ -609,7 +617,7 @@ class Registration:
         out: dict[str, float] = {}
         for device in (keys if keys is not None else evals):
             ev = evals.get(device)
-            values = cards.metric_values(ev.metrics) if ev is not None else {}
+            values = cards.entry_values(ev) if ev is not None else {}
             for n in (keys[device] if keys is not None else values):
                 out[key(f"{device}.{n}")] = values.get(n, float("nan"))
         return out
@@ -632,6 +640,7 @@ class Registration:
             "mlflow.parentRunId": parent.info.run_id,
             f"{TAG_PREFIX}registered_model": name,
             f"{TAG_PREFIX}model_version": version,
+            f"{TAG_PREFIX}source_model": merged.source.model if merged.source else "-",
             **promotion.gate_tags(a),
             **self._eval_tags(a.evals, "eval"),
             **{f"{TAG_PREFIX}recommended.{d}": str(v).lower() for d, v in promotion.recommended_on(merged, a.name).items()},
@@ -654,7 +663,10 @@ class Registration:
         self._finish(run)
 
     def _upload_json(self, run, data: Any, path: str, tag: str) -> None:
-        text = json.dumps(data, indent=2, sort_keys=True, default=str)
+        self._upload_text(run, json.dumps(data, indent=2, sort_keys=True, default=str), path, tag)
+
+    def _upload_text(self, run, text: str, path: str, tag: str) -> None:
+        """A file on the run, uploaded again only when its content changes (its digest is a tag)."""
         digest = hashlib.sha256(text.encode()).hexdigest()
         if run.data.tags.get(tag) == digest:
             return
@@ -664,7 +676,7 @@ class Registration:
             self.client.log_artifact(run.info.run_id, str(f), str(Path(path).parent))
         self._tags(run.info.run_id, {}, {tag: digest})
 
-    def _describe_version(self, mv, merged: Report, a: ArtifactReport) -> None:
+    def _describe_version(self, mv, merged: Report, a: ArtifactReport, held: dict[str, str]) -> None:
         src = merged.source
         tags = {
             "content_sha256": a.content_sha256, "artifact": a.name, "target": a.target, "kind": a.kind, "variant": a.variant or "-",
@@ -678,7 +690,7 @@ class Registration:
             **self.user_tags,
         }
         for device, ev in a.evals.items():
-            for k, v in cards.metric_values(ev.metrics).items():
+            for k, v in cards.entry_values(ev).items():
                 tags[f"{device}.{k}"] = repr(v)
             tags[f"{device}.runtime"] = tag_value(ev.runtime)
             tags[f"{device}.status"] = ev.status
@@ -695,7 +707,7 @@ class Registration:
             if have.get(k) != v:
                 retry_races(self.client.set_model_version_tag, mv.name, str(mv.version), k, v)
         desc = cards.version_description(merged, a, mv.name, str(mv.version), self.uri, self.spec.promotion_alias,
-                                         tags.get("gguf_file") or have.get("gguf_file"))
+                                         tags.get("gguf_file") or have.get("gguf_file"), held)
         if (mv.description or "") != desc:
             self.client.update_model_version(mv.name, str(mv.version), description=desc)
 
@@ -727,26 +739,46 @@ class Registration:
         tags.update(self._eval_tags(r.baseline, "baseline"))
         self._tags(parent.info.run_id, parent.data.tags, tags)
         self._metrics(parent.info.run_id, parent.data.metrics, self._device_metrics(r.baseline, None), step)
+        # The recipe as validated (defaults filled in): the same bytes for every job of this build
+        # run, whose identity includes its sha256.
+        import yaml
 
-    def _entries(self, merged: Report, versions: dict, runs: dict, moves: list) -> dict[str, RegistryEntry]:
-        """Where each artifact is registered, with the aliases its version holds (the ones this
-        policy decides from the plan, the others as MLflow holds them)."""
+        self._upload_text(parent, yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True), RECIPE_ARTIFACT, f"{TAG_PREFIX}recipe_yaml_sha256")
+
+    def _describe_experiment(self, experiment_id: str, parent, merged: Report) -> None:
+        """The experiment's description (what MLflow shows above its runs, by default): the
+        formats side by side per device, of the build registered last."""
+        note = cards.build_note(merged) + f"\n\nBuild run: `{parent.info.run_id}`."
+        exp = self.client.get_experiment(experiment_id)
+        if (exp.tags or {}).get("mlflow.note.content") != note:
+            retry_races(self.client.set_experiment_tag, experiment_id, "mlflow.note.content", note)
+
+    def _held(self, models: list[str], moves: list) -> dict[str, dict[str, str]]:
+        """model -> {alias: version} it holds: the ones this policy decides from the plan, the
+        others (a person's @champion, say) as MLflow holds them."""
         from mlflow.exceptions import MlflowException
 
         governed = {(m.model, m.alias): m.version for m in moves} if promotion.promotion_enabled() else {}
-        out = {}
-        for a in merged.built():
-            if a.name not in versions:
-                continue
-            name, version = versions[a.name]
+        out: dict[str, dict[str, str]] = {}
+        for name in models:
             try:
-                held = {k: str(v) for k, v in (self.client.get_registered_model(name).aliases or {}).items()}
+                held: dict[str, str | None] = {k: str(v) for k, v in (self.client.get_registered_model(name).aliases or {}).items()}
             except MlflowException:
                 held = {}
             for (model, alias), v in governed.items():
                 if model == name:
                     held[alias] = v
-            aliases = sorted(al for al, v in held.items() if v == version)
+            out[name] = {k: v for k, v in held.items() if v is not None}
+        return out
+
+    def _entries(self, merged: Report, versions: dict, runs: dict, held: dict[str, dict[str, str]]) -> dict[str, RegistryEntry]:
+        """Where each artifact is registered, with the aliases its version holds."""
+        out = {}
+        for a in merged.built():
+            if a.name not in versions:
+                continue
+            name, version = versions[a.name]
+            aliases = sorted(al for al, v in held.get(name, {}).items() if v == version)
             run = runs.get(a.name)
             out[a.name] = RegistryEntry(name=name, version=version, uri=f"models:/{name}/{version}",
                                         run_id=run.info.run_id if run is not None else None, aliases=aliases)

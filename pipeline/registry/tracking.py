@@ -83,8 +83,22 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def mlflow_command() -> str:
+    """The mlflow CLI of the Python running quantforge, as a shell word that runs as printed: the
+    script beside the interpreter (a virtual environment's bin/ is often not on PATH), else
+    ``python -m mlflow`` with that interpreter."""
+    import shlex
+    import sys
+
+    script = Path(sys.executable).parent / "mlflow"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m mlflow"
+
+
 def ui_hint(tracking_uri: str, experiment_id: str | None, run_ids: list[str], port: int = 5000) -> list[str]:
-    """Lines that tell a user how to look: the exact `mlflow ui` command for a local store
+    """Lines that tell a user how to look: the exact `mlflow ui` command for a local store (this
+    environment's mlflow, by path)
     (or the server's URL), the experiment's chart view, and a compare page of the runs."""
     if is_http(tracking_uri):
         base = tracking_uri.rstrip("/")
@@ -94,7 +108,7 @@ def ui_hint(tracking_uri: str, experiment_id: str | None, run_ids: list[str], po
         root = local_artifact_root(tracking_uri)
         base = f"http://127.0.0.1:{port}"
         target = f"sqlite:///{db}" if db else tracking_uri
-        lines = [f"browse: mlflow ui --backend-store-uri {target}"
+        lines = [f"browse: {mlflow_command()} ui --backend-store-uri {target}"
                  + (f" --default-artifact-root {root}" if root else "") + f" --port {port}   # then open {base}"]
     if experiment_id:
         lines.append(f"charts: {base}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART")
@@ -105,10 +119,14 @@ def ui_hint(tracking_uri: str, experiment_id: str | None, run_ids: list[str], po
 
 
 # ------------------------------------------------------------ the client
-#: Test hook: the most seconds to wait, at random, before each call a job makes to the tracking
-#: server (so a test can make parallel jobs interleave where on a quiet machine they never do).
+#: Test hook: pause at random before each call a job makes to the tracking server, up to this
+#: many seconds, and one call in STALL_ONE_IN up to STALL_TIMES as long (a job descheduled on a
+#: loaded machine: the stalls are what lets a parallel job act between two calls of one step).
+#: So a test can make parallel jobs interleave where on a quiet machine they rarely do.
 #: Read here only; unset (the default) changes nothing.
 DELAY_ENV = "QUANTFORGE_TEST_REGISTRY_DELAY_S"
+STALL_ONE_IN = 10
+STALL_TIMES = 10
 
 
 class _Delayed:
@@ -123,7 +141,8 @@ class _Delayed:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            time.sleep(random.uniform(0.0, self._most_s))
+            stall = random.randrange(STALL_ONE_IN) == 0
+            time.sleep(random.uniform(0.0, self._most_s * (STALL_TIMES if stall else 1)))
             return attr(*args, **kwargs)
 
         return call

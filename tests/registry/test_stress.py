@@ -17,6 +17,8 @@ benchmarks/results/registry-stress/ records a 20-round run.
 from __future__ import annotations
 
 import os
+import random
+import re
 import subprocess
 import time
 from collections import Counter
@@ -33,7 +35,8 @@ from tests.registry.reports import FP8, GGUF, evaluated_on, variant, write
 pytestmark = pytest.mark.slow
 
 JOBS = {f"cpu-{i}": "cpu" for i in (1, 2, 3)} | {f"l4-{i}": "l4" for i in (1, 2)} | {f"h100-{i}": "h100" for i in (1, 2, 3)}
-DELAY_S = "0.25"
+DELAY_S = "0.25"  # up to 0.25 s before each registry call, one call in ten up to 2.5 s
+START_SPREAD_S = 15.0
 EXPECTED_ALIASES = {
     FP8: {"candidate": "1", "production": "1", "recommended-h100": "1"},
     GGUF: {"candidate": "1", "recommended-cpu": "1", "recommended-l4": "1"},
@@ -53,10 +56,15 @@ def one_round(srv: Server, report, root: Path, name: str) -> dict:
         rep = evaluated_on(base, device, {GGUF: {"delta_ppl_pct": 9.0}} if device == "h100" else None)
         paths[job] = write(rep, root / job)
     env = {**os.environ, DELAY_ENV: DELAY_S, "PYTHONPATH": str(REPO)}
+    # Staggered starts, as CI's jobs (and their retries) start: a late job finds a version
+    # already there and removes the duplicates of jobs that are still working on theirs.
+    starts = sorted(random.uniform(0.0, START_SPREAD_S) for _ in JOBS)
     t0 = time.monotonic()
-    procs = {job: subprocess.Popen([*QUANTFORGE, "register", str(path), "--tracking-uri", srv.uri, "--artifacts-dir", str(path.parent.parent)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-             for job, path in paths.items()}
+    procs = {}
+    for (job, path), at in zip(paths.items(), starts):
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        procs[job] = subprocess.Popen([*QUANTFORGE, "register", str(path), "--tracking-uri", srv.uri, "--artifacts-dir", str(path.parent.parent)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     outs = {job: p.communicate(timeout=900) for job, p in procs.items()}
     seconds = time.monotonic() - t0
     for job, p in procs.items():
@@ -88,6 +96,7 @@ def one_round(srv: Server, report, root: Path, name: str) -> dict:
         local = read_report(path)
         assert {a.name: a.registry.version for a in local.artifacts} == {FP8: "1", GGUF: "1"}, job
     said = Counter()
+    said["versions created"] = sum(len(re.findall(r": created \S+ version \d+", out)) for out, _ in outs.values())
     for out, _ in outs.values():
         said["duplicate versions adopted"] += out.count("adopted it and removed the duplicate")
         said["build runs folded"] += out.count("folded into it")
