@@ -98,8 +98,8 @@ def mlflow_command() -> str:
 
 def ui_hint(tracking_uri: str, experiment_id: str | None, run_ids: list[str], port: int = 5000) -> list[str]:
     """Lines that tell a user how to look: the exact `mlflow ui` command for a local store (this
-    environment's mlflow, by path)
-    (or the server's URL), the experiment's chart view, and a compare page of the runs."""
+    environment's mlflow, by path) or the server's URL, the experiment's chart view, and a
+    compare page of the runs."""
     if is_http(tracking_uri):
         base = tracking_uri.rstrip("/")
         lines = [f"browse: {base}"]
