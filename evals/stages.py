@@ -224,7 +224,7 @@ def run_bandwidth(ctx: StageContext, *, device: str) -> dict:
 
 def _worker(ctx: StageContext, name: str, job: dict) -> dict:
     """One child process (evals.worker) for one job; its JSON result, or StageFailed."""
-    from pipeline.core.proc import first_error_line, how_it_ended, run_python
+    from pipeline.core.proc import crash_report, run_python
     from pipeline.errors import StageFailed
 
     job_file, out_file = ctx.out_dir / f".{name}-job.json", ctx.out_dir / f".{name}-out.json"
@@ -233,7 +233,8 @@ def _worker(ctx: StageContext, name: str, job: dict) -> dict:
         proc = run_python("evals.worker", [job_file, out_file], timeout=WORKER_TIMEOUT_S, threads=job["threads"])
         if proc.returncode != 0 or not out_file.is_file():
             ctx.log((proc.stderr or proc.stdout or "")[-6000:])
-            raise StageFailed(f"the {job['runtime']} worker ended with {how_it_ended(proc.returncode)}: {first_error_line(proc.stderr + proc.stdout)}")
+            # Two lines (how it died + its telling line; where in Python): the runner names the log file.
+            raise StageFailed(crash_report(f"the {job['runtime']} worker", proc.returncode, proc.stderr + proc.stdout))
         return json.loads(out_file.read_text())
     finally:
         job_file.unlink(missing_ok=True)

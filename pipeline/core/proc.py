@@ -52,26 +52,53 @@ def run_python(module: str, args: Sequence[object], *, timeout: float | None = N
 
 
 def die_with_parent() -> None:
-    """Called first by every child module: end this process when the job that started it dies
-    (a job killed with SIGKILL cannot stop its children itself, which would run on, orphaned).
+    """Called first by every child module: its start-up.
 
-    Linux's PR_SET_PDEATHSIG, set by the child rather than through ``preexec_fn`` (which is
-    unsafe in a parent running threads, as torch does); elsewhere a no-op.
+    * End this process when the job that started it dies (a job killed with SIGKILL cannot
+      stop its children itself, which would run on, orphaned): Linux's PR_SET_PDEATHSIG, set
+      by the child rather than through ``preexec_fn`` (which is unsafe in a parent running
+      threads, as torch does); elsewhere a no-op.
+    * Turn on :mod:`faulthandler`, so a native crash (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL)
+      leaves the Python stack of every thread on stderr, which the parent logs.
+    * The test hook :data:`ABORT_ENV`.
     """
+    import faulthandler
     import signal
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except OSError:
+            pass
+        else:
+            if os.getppid() == 1:  # the parent died before the call above
+                os._exit(1)
+    _test_abort()
+
+
+#: Test hook: a child whose command line contains this text aborts from native code at start-up,
+#: as a native library does (glibc's heap check: a line on stderr, then ``abort()``), so tests can
+#: see what a real native crash reports. Read here only; unset (the default) changes nothing.
+ABORT_ENV = "QUANTFORGE_TEST_NATIVE_ABORT"
+ABORT_LINE = "free(): invalid pointer"
+
+
+def _test_abort() -> None:
+    match = os.environ.get(ABORT_ENV)
+    if not match or match not in " ".join(sys.argv):
         return
-    if os.getppid() == 1:  # the parent died before the call above
-        os._exit(1)
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    sys.stderr.flush()
+    line = (ABORT_LINE + "\n").encode()
+    libc.write(2, line, len(line))  # from C, unbuffered, as glibc writes it
+    libc.abort()
 
 
 def pid_alive(pid: int) -> bool:
@@ -87,6 +114,17 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+#: What a signal usually means when it ends a quantforge child.
+SIGNAL_MEANING = {
+    "SIGABRT": "a native library aborted",
+    "SIGSEGV": "a crash in native code",
+    "SIGBUS": "a crash in native code",
+    "SIGFPE": "a crash in native code",
+    "SIGILL": "an instruction this CPU lacks",
+    "SIGKILL": "killed from outside, often for lack of memory",
+}
+
+
 def how_it_ended(returncode: int) -> str:
     if returncode < 0:
         import signal
@@ -95,18 +133,40 @@ def how_it_ended(returncode: int) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        return f"killed by {name}"
+        meaning = SIGNAL_MEANING.get(name)
+        return f"killed by {name}" + (f" ({meaning})" if meaning else "")
     return f"exit {returncode}"
 
 
 _PY_ERROR = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt|Failed|Refused|Unavailable|Missing)\b.*")
-_NATIVE_ERROR = re.compile(r"(terminate called|what\(\):|Segmentation fault|Aborted|GGML_ASSERT|error:|out_of_range|std::)", re.I)
+_NATIVE_ERROR = re.compile(r"(terminate called|what\(\):|Segmentation fault|Aborted|GGML_ASSERT|error:|out_of_range|std::|"
+                           r"invalid pointer|double free|corrupted|free\(\)|malloc\(\)|CUDA error|illegal memory access)", re.I)
+#: faulthandler's (and CPython's own) first line when the interpreter dies: "Fatal Python error: Aborted"
+_FATAL = "Fatal Python error:"
+#: what follows it: "Current thread 0x... (most recent call first):", stack frames, "Extension modules: ..."
+_FAULTHANDLER = re.compile(r"^(Current thread|Thread 0x|Stack \(most recent|File \"|Extension modules:|<no Python frame>|Python runtime state)")
 
 
-def first_error_line(text: str) -> str:
-    """The line of a child's output that says what went wrong: the raised exception of a
-    Python traceback (its last one), else the first native abort/assert line, else the last line."""
+def first_error_line(text: str, returncode: int | None = None) -> str:
+    """The line of a child's output that says what went wrong.
+
+    For a process that a signal ended (``returncode`` < 0, or a "Fatal Python error" in the
+    output): the native library's own message, which comes just before Python's "Fatal Python
+    error: Aborted" (``free(): invalid pointer``, a GGML_ASSERT, a CUDA error); else the raised
+    exception of a Python traceback (its last one), else the first native abort/assert line,
+    else the last line.
+    """
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    fatal = next((i for i, ln in enumerate(lines) if ln.startswith(_FATAL)), None)
+    if fatal is not None or (returncode is not None and returncode < 0):
+        before = lines[:fatal] if fatal is not None else lines
+        native = [ln for ln in before if _NATIVE_ERROR.search(ln) and not ln.startswith("#") and not _FAULTHANDLER.match(ln)]
+        if native:
+            return native[-1]
+        if fatal is not None:
+            # nothing that looks native before it: the line just before, else Python's own
+            plain = [ln for ln in before if not _FAULTHANDLER.match(ln) and not ln.startswith(("Traceback", "warn", "Warn"))]
+            return plain[-1] if plain else lines[fatal]
     py = [ln for ln in lines if _PY_ERROR.match(ln)]
     if py:
         return py[-1]
@@ -114,3 +174,21 @@ def first_error_line(text: str) -> str:
     if native:
         return native[0]
     return lines[-1] if lines else "no output"
+
+
+def python_frame(text: str) -> str | None:
+    """The innermost Python frame faulthandler printed for the crashing thread ('File "x.py", line 3 in f')."""
+    lines = [ln.strip() for ln in (text or "").splitlines()]
+    for i, ln in enumerate(lines):
+        if ln.startswith(("Current thread", "Thread 0x")) and "most recent call first" in ln:
+            return next((f for f in lines[i + 1:] if f.startswith("File \"")), None)
+    return None
+
+
+def crash_report(what: str, returncode: int, output: str) -> str:
+    """How a child ended, as a failure message: its first line says how it died and its most
+    telling line; the next (when faulthandler left one) where in Python it was. A stage that
+    raises it gets the path of its log added by the runner (pipeline.core.runner.short_reason)."""
+    msg = f"{what} ended with {how_it_ended(returncode)}: {first_error_line(output, returncode)}"
+    frame = python_frame(output)
+    return msg + (f"\nin Python at {frame}" if frame else "")

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from pipeline.core.report import ArtifactReport, EvalEntry, Metrics, Report
-from pipeline.registry.promotion import CANDIDATE_ALIAS, gate_word, recommended_alias
+from pipeline.registry.promotion import CANDIDATE_ALIAS, CHAMPION_ALIAS, gate_word, recommended_alias
 from pipeline.targets.cards import serve_commands  # noqa: F401 - shared with the build-time model cards
 
 SIGNIFICANT = 5  # digits kept in metric values (a perplexity of 140.88280336464317 reads 140.88)
@@ -31,6 +31,17 @@ def rounded(value: float | int) -> float:
 
 def metric_values(m: Metrics) -> dict[str, float]:
     return {k: rounded(v) for k, v in m.values().items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+def entry_values(ev: EvalEntry) -> dict[str, float]:
+    """An eval entry's numbers for MLflow: its metrics, and per lm-eval task its score and its
+    difference from the source (``task.<task>.<metric>``, ``task.<task>.<metric>_delta``)."""
+    out = metric_values(ev.metrics)
+    for name, score in sorted(ev.tasks.items()):
+        out[f"task.{name}.{score.metric}"] = rounded(score.value)
+        if score.delta is not None:
+            out[f"task.{name}.{score.metric}_delta"] = rounded(score.delta)
+    return out
 
 
 def _size(n: int | None) -> str:
@@ -105,10 +116,14 @@ def build_note(report: Report) -> str:
 
 
 def version_description(report: Report, a: ArtifactReport, model: str, version: str, tracking_uri: str,
-                        promotion_alias: str, gguf_file: str | None) -> str:
-    """Markdown for one model version: what it is, how to get and serve it, what was measured."""
+                        promotion_alias: str, gguf_file: str | None, held: dict[str, str] | None = None) -> str:
+    """Markdown for one model version: what it is, how to get and serve it, what was measured.
+
+    ``held``: alias -> version that the registered model holds now; a download by alias is offered
+    only for those (``models:/NAME@production`` of a model that has no such alias fails)."""
     from pipeline.registry.tracking import is_http
 
+    held = held or {}
     src = report.source
     head = (f"**{a.name}**: {a.format or a.kind}" + (f", {a.bits}-bit" if a.bits else "")
             + f" quantization of `{src.model if src else '?'}`" + (f" (revision `{src.commit or src.revision}`)" if src else "")
@@ -116,9 +131,12 @@ def version_description(report: Report, a: ArtifactReport, model: str, version: 
     env = f"MLFLOW_TRACKING_URI={tracking_uri} " if is_http(tracking_uri) else ""
     where = "" if env else "With MLFLOW_TRACKING_URI set to this registry:\n\n"
     lines = [head, "", "#### Download", "", where + "```bash",
-             f"{env}mlflow artifacts download --artifact-uri models:/{model}/{version} -d DIR   # this version",
-             f"{env}mlflow artifacts download --artifact-uri models:/{model}@{promotion_alias} -d DIR   # whichever version is @{promotion_alias}",
-             "```"]
+             f"{env}mlflow artifacts download --artifact-uri models:/{model}/{version} -d DIR   # this version"]
+    lines += [f"{env}mlflow artifacts download --artifact-uri models:/{model}@{alias} -d DIR   # whichever version is @{alias}"
+              for alias in dict.fromkeys([promotion_alias, CHAMPION_ALIAS, CANDIDATE_ALIAS]) if alias in held]
+    lines.append("```")
+    if promotion_alias not in held:
+        lines += ["", f"`{model}` has no `@{promotion_alias}` yet: no version of it has passed its gates on every required device."]
     serve = serve_commands(a.kind, gguf_file, model)
     if serve:
         lines += ["", "#### Serve", "", "```bash", *serve, "```"]
@@ -140,5 +158,6 @@ def version_description(report: Report, a: ArtifactReport, model: str, version: 
                    "unverified": "unverified (no runtime could evaluate it on a required device)"}[g.status]
         lines += ["", f"Gates: **{verdict}**" + (f"; pending: {', '.join(g.pending_devices)}" if g.pending_devices else "") + "."]
     lines += ["", f"Aliases: `@{CANDIDATE_ALIAS}` is the newest build's version, `@{promotion_alias}` the newest that passed the gates "
-                  "on every required device, `@recommended-<device>` the artifact to ship on that device."]
+                  "on every required device, `@recommended-<device>` the artifact to ship on that device (all set by quantforge); "
+                  f"`@{CHAMPION_ALIAS}` is set by people and never moved by quantforge."]
     return "\n".join(lines)

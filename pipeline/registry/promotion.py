@@ -15,6 +15,10 @@ Aliases, per registered model ``<model_name>-<target>[-<variant>]`` (one per art
     recommended artifact's version removes it from the recipe's other models. When
     nothing passes on a device, it stays where it was.
 
+``champion``
+    a person's choice (set in MLflow's UI or API): quantforge never sets, moves or removes it,
+    and refuses a recipe whose ``registry.promotion_alias`` is that name.
+
 With ``QUANTFORGE_PROMOTE=false`` (CI builds of pull requests and side branches) no
 alias moves; versions, metrics and tags are still registered.
 
@@ -34,6 +38,8 @@ from typing import Any, Callable
 from pipeline.core.report import ArtifactReport, Report
 
 CANDIDATE_ALIAS = "candidate"
+#: Promoted by people only: never in a plan of quantforge's (see plan_aliases).
+CHAMPION_ALIAS = "champion"
 RECOMMENDED_PREFIX = "recommended-"
 
 
@@ -96,6 +102,8 @@ def plan_aliases(report: Report, versions: dict[str, tuple[str, str]], recipe_mo
     registered so far; ``recipe_models``: every registered model of this recipe (the
     ones that may hold a ``recommended-<device>`` alias to be removed).
     """
+    if promotion_alias == CHAMPION_ALIAS:
+        raise ValueError(f"@{CHAMPION_ALIAS} is promoted by people only; quantforge does not move it")
     moves: list[AliasMove] = []
     for a in report.built():
         if a.name not in versions:

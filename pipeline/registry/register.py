@@ -52,6 +52,15 @@ shared object; each step relies on something MLflow's SQL store guarantees:
   model_registry/sqlalchemy_store.py:1468 and :1530; store/db/utils.py:186-188; the client does not
   retry 4xx): :func:`pipeline.registry.tracking.retry_races` repeats them. Run tags are
   retried by MLflow itself (store/tracking/sqlalchemy_store.py:2258-2275).
+* *Writes after a look*: a job looks (searches, lists), then writes (creates, describes, tags,
+  sets aliases); between the two a parallel job may have deleted what it writes to as a
+  duplicate (its version, its artifact run, its build run). MLflow then answers
+  RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE for a deleted run
+  (:func:`pipeline.registry.tracking.is_race`), and the job repeats the step from the look,
+  which finds and adopts what survived. A new version is created with its tags in the insert
+  and nothing else is written to it before that look, so a job never fails because its own
+  version was removed as a duplicate. ``QUANTFORGE_TEST_REGISTRY_DELAY_S`` (a test hook, in
+  tracking.py) pauses at random before each call, so a test can make jobs interleave.
 * *The report*: no job rewrites a shared report. Each uploads its own part once, named by
   its content's digest (parts.py); everything registered about the build (gates,
   recommendations, metrics, tags, descriptions, aliases, the report.json view) is then
@@ -78,6 +87,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -92,15 +102,17 @@ from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
 from pipeline.registry import cards, parts as P, promotion
 from pipeline.registry.tracking import (
     EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MAX_BATCH_METRICS, MAX_BATCH_PARAMS_TAGS, MAX_PARAM_VALUE,
-    TAG_PREFIX, check_reachable, client as make_client, first_line, flatten, is_connection_error, key, local_artifact_root,
+    TAG_PREFIX, check_reachable, client as make_client, first_line, flatten, is_connection_error, is_race, key, local_artifact_root,
     quiet, quote, retry_races, tag_value, tracking_uri_for, ui_hint,
 )
 
 ARTIFACT_DIR = "artifact"  # the artifact run's folder that a model version's source points at
 REF_FILE = "ARTIFACT_REF.json"
+RECIPE_ARTIFACT = "quantforge/recipe.yaml"  # on the build run
 JOB_TAG = f"{TAG_PREFIX}job"
 LEASE_S = 3600.0
 MAX_ROUNDS = 30
+RACE_ATTEMPTS = 8  # looks again after losing to a parallel job, per step (each loss means that job made progress)
 
 
 def model_name_for(recipe_config: dict, recipe_name: str, artifact: ArtifactReport) -> str:
@@ -170,12 +182,16 @@ class Registration:
             raise InvalidInput(f"{report_path}: its recipe_config is not a recipe this quantforge reads "
                                f"({first_line(exc)}); register it with the quantforge version that built it, or build it again") from None
         self.spec = self.recipe.registry
+        if self.spec.promotion_alias == promotion.CHAMPION_ALIAS:
+            raise InvalidInput(f"{report.recipe_path or report_path}: registry.promotion_alias: {promotion.CHAMPION_ALIAS!r} is kept for "
+                               "people to promote by hand (quantforge never moves it); use another name, e.g. 'production'")
         self.user_tags = {key(k): str(v) for k, v in self.spec.tags.items()}
         self.client = make_client(tracking_uri)
         self.host = socket.gethostname()
         self.job = f"{self.host}:{os.getpid()}:{int(time.time() * 1000)}"
         self.lease_s = float(os.environ.get("QUANTFORGE_REGISTER_LEASE_S", LEASE_S))
-        self.counts = {"runs_created": 0, "uploads": 0, "versions_created": 0, "duplicates_removed": 0, "metrics_logged": 0, "parts_uploaded": 0}
+        self.counts = {"runs_created": 0, "uploads": 0, "versions_created": 0, "duplicates_removed": 0, "metrics_logged": 0, "parts_uploaded": 0,
+                       "races": 0}
         self.failures: list[str] = []
         self.mine: set[str] = set()  # runs this job created
         self.parts = P.PartCache(self.client)
@@ -350,7 +366,7 @@ class Registration:
                 self._remove_version(name, mine.version)
                 self._delete_run(run.info.run_id)
                 self.log(f"register: {a.name}: {name} v{mv.version} has this content (registered at the same time by another job); "
-                         f"removed the duplicate v{mine.version}")
+                         f"adopted it and removed the duplicate v{mine.version}")
         # Remove duplicates of the canonical version left by jobs that stopped between creating and removing them.
         for v in self.client.search_model_versions(f"name = {quote(name)} and tags.content_sha256 = {quote(a.content_sha256)}"):
             if int(v.version) > int(mv.version):
@@ -388,12 +404,11 @@ class Registration:
             tags["gguf_file"] = gguf
         if referenced:
             tags["artifact_ref"] = run.data.tags.get(f"{TAG_PREFIX}artifact_ref") or "files not uploaded"
+        # Tags go in with the insert (one transaction); the description comes from the merge of all
+        # parts in apply(). Nothing is written to the version after the create here: a parallel job
+        # may delete it as the duplicate of its own at any moment (the caller adopts that one).
         mv = self.client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_DIR}", run_id=run.info.run_id, tags=tags,
                                               await_creation_for=None)
-        # Described from this job's report at once; every registration re-describes it from the merge of all parts.
-        mine = promotion.decide(self.report)
-        self.client.update_model_version(name, str(mv.version), description=cards.version_description(
-            mine, mine.artifact(a.name) or a, name, str(mv.version), self.uri, self.spec.promotion_alias, gguf))
         self.counts["versions_created"] += 1
         self.log(f"register: {a.name}: created {name} version {mv.version}")
         return mv
@@ -505,25 +520,34 @@ class Registration:
         from mlflow.exceptions import MlflowException
 
         seen: tuple | None = None
-        errors = 0
+        errors = races = 0
+        parent = merged = None
         for _ in range(MAX_ROUNDS):
-            parent = self.build_run(experiment_id, create=True)
-            names = P.list_parts(self.client, parent.info.run_id)
-            if P.upload_part(self.client, parent.info.run_id, mine, names):
-                self.counts["parts_uploaded"] += 1
-            names, merged = self.view(parent)
-            state = (parent.info.run_id, tuple(names))
-            if state == seen:
-                break
             try:
+                parent = self.build_run(experiment_id, create=True)
+                names = P.list_parts(self.client, parent.info.run_id)
+                if P.upload_part(self.client, parent.info.run_id, mine, names):
+                    self.counts["parts_uploaded"] += 1
+                names, merged = self.view(parent)
+                state = (parent.info.run_id, tuple(names))
+                if state == seen:
+                    break
                 self.apply(experiment_id, parent, merged, step=len(names))
             except MlflowException as exc:
                 if is_connection_error(exc):
                     raise
-                # e.g. the build run was folded into another one meanwhile: look again (not forever)
-                errors += 1
-                if errors >= 3:
-                    raise
+                # A parallel job deleted what this round wrote to (its duplicate build run, a
+                # duplicate version or run) or won an upsert: look again. Anything else (not forever).
+                if is_race(exc):
+                    races += 1
+                    self.counts["races"] += 1
+                    if races >= MAX_ROUNDS:
+                        raise
+                    time.sleep(min(2.0, 0.1 * 2**min(races, 5)) * (0.5 + random.random()))
+                else:
+                    errors += 1
+                    if errors >= 3:
+                        raise
                 self.log(f"register: {first_line(exc)}; looking again")
                 seen = None
                 continue
@@ -549,16 +573,8 @@ class Registration:
             mvs[a.name] = mv
             versions[a.name] = (name, str(mv.version))
             runs[a.name] = self.artifact_run(experiment_id, a, mv, create=False)
-        keys = self._metric_keys(merged)
-        for a in merged.built():
-            if a.name not in versions:
-                continue
-            name, version = versions[a.name]
-            run = runs[a.name]
-            if run is not None:
-                self._describe_run(run, parent, merged, a, name, version, keys, step)
-            self._describe_version(mvs[a.name], merged, a)
-        self._describe_build(parent, merged, keys, step)
+        # Aliases first: each version's description offers a download by alias only where the
+        # model holds that alias (a model whose gates never passed has no @production).
         recipe_models = sorted({m.name for m in self.client.search_registered_models(f"tags.recipe = {quote(recipe)}")} | {n for n, _ in versions.values()})
         moves = promotion.plan_aliases(merged, versions, recipe_models, self.spec.promotion_alias)
         promotion.apply_aliases(self.client, moves, self.log)
@@ -567,8 +583,21 @@ class Registration:
                 if a.name in versions and a.gates is not None and not a.gates.promotable:
                     why = f"pending on {', '.join(a.gates.pending_devices)}" if a.gates.pending_devices else a.gates.status
                     self.log(f"register: {a.name}: gates {why}; @{self.spec.promotion_alias} not moved")
-        self.entries = self._entries(merged, versions, runs, moves)
+        held = self._held(sorted({n for n, _ in versions.values()}), moves)
+        keys = self._metric_keys(merged)
+        for a in merged.built():
+            if a.name not in versions:
+                continue
+            name, version = versions[a.name]
+            run = runs[a.name]
+            if run is not None:
+                self._describe_run(run, parent, merged, a, name, version, keys, step)
+            self._describe_version(mvs[a.name], merged, a, held.get(name, {}))
+        self._describe_build(parent, merged, keys, step)
+        self._describe_experiment(experiment_id, parent, merged)
+        self.entries = self._entries(merged, versions, runs, held)
         self._write_view(parent, merged, experiment_id)
+        self._log_files(parent)
 
     def _metric_keys(self, merged: Report) -> dict[str, list[str]]:
         """device -> metric names measured there for any model, so every run logs the same keys."""
@@ -577,7 +606,7 @@ class Registration:
             names: dict[str, None] = {}
             for ev in [merged.baseline.get(device), *(a.evals.get(device) for a in merged.built())]:
                 if ev is not None:
-                    names.update(dict.fromkeys(ev.metrics.values()))
+                    names.update(dict.fromkeys(cards.entry_values(ev)))
             keys[device] = list(names)
         return keys
 
@@ -588,7 +617,7 @@ class Registration:
         out: dict[str, float] = {}
         for device in (keys if keys is not None else evals):
             ev = evals.get(device)
-            values = cards.metric_values(ev.metrics) if ev is not None else {}
+            values = cards.entry_values(ev) if ev is not None else {}
             for n in (keys[device] if keys is not None else values):
                 out[key(f"{device}.{n}")] = values.get(n, float("nan"))
         return out
@@ -611,6 +640,7 @@ class Registration:
             "mlflow.parentRunId": parent.info.run_id,
             f"{TAG_PREFIX}registered_model": name,
             f"{TAG_PREFIX}model_version": version,
+            f"{TAG_PREFIX}source_model": merged.source.model if merged.source else "-",
             **promotion.gate_tags(a),
             **self._eval_tags(a.evals, "eval"),
             **{f"{TAG_PREFIX}recommended.{d}": str(v).lower() for d, v in promotion.recommended_on(merged, a.name).items()},
@@ -633,7 +663,10 @@ class Registration:
         self._finish(run)
 
     def _upload_json(self, run, data: Any, path: str, tag: str) -> None:
-        text = json.dumps(data, indent=2, sort_keys=True, default=str)
+        self._upload_text(run, json.dumps(data, indent=2, sort_keys=True, default=str), path, tag)
+
+    def _upload_text(self, run, text: str, path: str, tag: str) -> None:
+        """A file on the run, uploaded again only when its content changes (its digest is a tag)."""
         digest = hashlib.sha256(text.encode()).hexdigest()
         if run.data.tags.get(tag) == digest:
             return
@@ -643,7 +676,7 @@ class Registration:
             self.client.log_artifact(run.info.run_id, str(f), str(Path(path).parent))
         self._tags(run.info.run_id, {}, {tag: digest})
 
-    def _describe_version(self, mv, merged: Report, a: ArtifactReport) -> None:
+    def _describe_version(self, mv, merged: Report, a: ArtifactReport, held: dict[str, str]) -> None:
         src = merged.source
         tags = {
             "content_sha256": a.content_sha256, "artifact": a.name, "target": a.target, "kind": a.kind, "variant": a.variant or "-",
@@ -657,7 +690,7 @@ class Registration:
             **self.user_tags,
         }
         for device, ev in a.evals.items():
-            for k, v in cards.metric_values(ev.metrics).items():
+            for k, v in cards.entry_values(ev).items():
                 tags[f"{device}.{k}"] = repr(v)
             tags[f"{device}.runtime"] = tag_value(ev.runtime)
             tags[f"{device}.status"] = ev.status
@@ -674,7 +707,7 @@ class Registration:
             if have.get(k) != v:
                 retry_races(self.client.set_model_version_tag, mv.name, str(mv.version), k, v)
         desc = cards.version_description(merged, a, mv.name, str(mv.version), self.uri, self.spec.promotion_alias,
-                                         tags.get("gguf_file") or have.get("gguf_file"))
+                                         tags.get("gguf_file") or have.get("gguf_file"), held)
         if (mv.description or "") != desc:
             self.client.update_model_version(mv.name, str(mv.version), description=desc)
 
@@ -706,26 +739,46 @@ class Registration:
         tags.update(self._eval_tags(r.baseline, "baseline"))
         self._tags(parent.info.run_id, parent.data.tags, tags)
         self._metrics(parent.info.run_id, parent.data.metrics, self._device_metrics(r.baseline, None), step)
+        # The recipe as validated (defaults filled in): the same bytes for every job of this build
+        # run, whose identity includes its sha256.
+        import yaml
 
-    def _entries(self, merged: Report, versions: dict, runs: dict, moves: list) -> dict[str, RegistryEntry]:
-        """Where each artifact is registered, with the aliases its version holds (the ones this
-        policy decides from the plan, the others as MLflow holds them)."""
+        self._upload_text(parent, yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True), RECIPE_ARTIFACT, f"{TAG_PREFIX}recipe_yaml_sha256")
+
+    def _describe_experiment(self, experiment_id: str, parent, merged: Report) -> None:
+        """The experiment's description (what MLflow shows above its runs, by default): the
+        formats side by side per device, of the build registered last."""
+        note = cards.build_note(merged) + f"\n\nBuild run: `{parent.info.run_id}`."
+        exp = self.client.get_experiment(experiment_id)
+        if (exp.tags or {}).get("mlflow.note.content") != note:
+            retry_races(self.client.set_experiment_tag, experiment_id, "mlflow.note.content", note)
+
+    def _held(self, models: list[str], moves: list) -> dict[str, dict[str, str]]:
+        """model -> {alias: version} it holds: the ones this policy decides from the plan, the
+        others (a person's @champion, say) as MLflow holds them."""
         from mlflow.exceptions import MlflowException
 
         governed = {(m.model, m.alias): m.version for m in moves} if promotion.promotion_enabled() else {}
-        out = {}
-        for a in merged.built():
-            if a.name not in versions:
-                continue
-            name, version = versions[a.name]
+        out: dict[str, dict[str, str]] = {}
+        for name in models:
             try:
-                held = {k: str(v) for k, v in (self.client.get_registered_model(name).aliases or {}).items()}
+                held: dict[str, str | None] = {k: str(v) for k, v in (self.client.get_registered_model(name).aliases or {}).items()}
             except MlflowException:
                 held = {}
             for (model, alias), v in governed.items():
                 if model == name:
                     held[alias] = v
-            aliases = sorted(al for al, v in held.items() if v == version)
+            out[name] = {k: v for k, v in held.items() if v is not None}
+        return out
+
+    def _entries(self, merged: Report, versions: dict, runs: dict, held: dict[str, dict[str, str]]) -> dict[str, RegistryEntry]:
+        """Where each artifact is registered, with the aliases its version holds."""
+        out = {}
+        for a in merged.built():
+            if a.name not in versions:
+                continue
+            name, version = versions[a.name]
+            aliases = sorted(al for al, v in held.get(name, {}).items() if v == version)
             run = runs.get(a.name)
             out[a.name] = RegistryEntry(name=name, version=version, uri=f"models:/{name}/{version}",
                                         run_id=run.info.run_id if run is not None else None, aliases=aliases)
@@ -770,8 +823,6 @@ class Registration:
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot register now"
             raise self.unavailable(exc) from None
         exp = self.experiment_id = self.experiment()
-        parent = self.build_run(exp, create=True)
-        self._log_files(parent)
         for a in self.report.artifacts:
             if (a.model_extra or {}).get("pulled") is False:
                 self.log(f"register: {a.name}: not on this machine ({(a.model_extra or {}).get('pull_reason') or 'not pulled'}); its registration stays as it is")
@@ -786,13 +837,26 @@ class Registration:
                 self.failures.append(f"{a.name}: {folder} has no {MANIFEST}")
                 continue
             try:
-                self.register_artifact(exp, a, folder)
+                self.racing(f"{a.name}: registration", lambda: self.register_artifact(exp, a, folder))
             except StageFailed as exc:
                 self.failures.append(str(exc))
         self.converge(exp, P.part_of(self.report))
-        parent = self.client.get_run(self.parent_id)
-        if parent.info.status != "FINISHED":
-            self.client.set_terminated(parent.info.run_id, "FINISHED")
+        self._finish(self.client.get_run(self.parent_id))
+
+    def racing(self, what: str, step: Callable[[], Any]) -> Any:
+        """Run a step that looks at the registry and then writes to it, again from the look when a
+        parallel job changed what it wrote to in between (see tracking.is_race): each step starts by
+        reading what the registry holds, so a repeat adopts what the other job left."""
+        for attempt in range(RACE_ATTEMPTS):
+            try:
+                return step()
+            except Exception as exc:  # noqa: BLE001 - re-raised unless a parallel job caused it
+                if not is_race(exc) or attempt == RACE_ATTEMPTS - 1:
+                    raise
+                self.counts["races"] += 1
+                self.log(f"register: {what}: a parallel job changed the registry meanwhile ({first_line(exc)}); looking again")
+                time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
 
 def register_report(report_path: Path, tracking_uri: str | None = None, log: Callable[[str], Any] = print) -> Report:
@@ -814,11 +878,19 @@ def register_report(report_path: Path, tracking_uri: str | None = None, log: Cal
     try:
         with quiet():
             reg.run()
-    except (RegistryUnavailable, InvalidInput):
+    except (RegistryUnavailable, InvalidInput, StageFailed):
         raise
     except Exception as exc:
         if is_connection_error(exc):
             raise reg.unavailable(exc) from exc
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(exc, (MlflowException, P.PartUnreadable)):
+            # The server refused a request (a race lost RACE_ATTEMPTS times, a permission, a limit):
+            # one line, and what is registered so far is consistent (every step is idempotent).
+            recipe = report.recipe_path or str(report_path)
+            raise StageFailed(f"MLflow at {uri} refused a request: {first_line(exc)}. What was registered is consistent; "
+                              f"`quantforge register {recipe}` again completes it") from exc
         raise
     with updating(report_path, report.recipe) as rep:
         rep.registry = RegistryInfo(tracking_uri=uri, experiment_id=reg.experiment_id, experiment_name=report.recipe,
@@ -833,7 +905,8 @@ def register_report(report_path: Path, tracking_uri: str | None = None, log: Cal
     c = reg.counts
     log(f"register: {len(reg.entries)} artifact(s) registered in {uri}: {c['runs_created']} run(s), {c['uploads']} upload(s), "
         f"{c['versions_created']} version(s) created, {c['metrics_logged']} metric value(s) logged"
-        + (f", {c['duplicates_removed']} duplicate version(s) of parallel jobs removed" if c["duplicates_removed"] else ""))
+        + (f", {c['duplicates_removed']} duplicate version(s) of parallel jobs removed" if c["duplicates_removed"] else "")
+        + (f", {c['races']} race(s) with parallel jobs resolved" if c["races"] else ""))
     for e in reg.entries.values():
         log(f"register:   {e.uri}" + (f"  @{' @'.join(e.aliases)}" if e.aliases else ""))
     run_ids = [reg.parent_id] + [e.run_id for e in reg.entries.values() if e.run_id]

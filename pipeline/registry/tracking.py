@@ -83,9 +83,23 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def mlflow_command() -> str:
+    """The mlflow CLI of the Python running quantforge, as a shell word that runs as printed: the
+    script beside the interpreter (a virtual environment's bin/ is often not on PATH), else
+    ``python -m mlflow`` with that interpreter."""
+    import shlex
+    import sys
+
+    script = Path(sys.executable).parent / "mlflow"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m mlflow"
+
+
 def ui_hint(tracking_uri: str, experiment_id: str | None, run_ids: list[str], port: int = 5000) -> list[str]:
-    """Lines that tell a user how to look: the exact `mlflow ui` command for a local store
-    (or the server's URL), the experiment's chart view, and a compare page of the runs."""
+    """Lines that tell a user how to look: the exact `mlflow ui` command for a local store (this
+    environment's mlflow, by path) or the server's URL, the experiment's chart view, and a
+    compare page of the runs."""
     if is_http(tracking_uri):
         base = tracking_uri.rstrip("/")
         lines = [f"browse: {base}"]
@@ -94,7 +108,7 @@ def ui_hint(tracking_uri: str, experiment_id: str | None, run_ids: list[str], po
         root = local_artifact_root(tracking_uri)
         base = f"http://127.0.0.1:{port}"
         target = f"sqlite:///{db}" if db else tracking_uri
-        lines = [f"browse: mlflow ui --backend-store-uri {target}"
+        lines = [f"browse: {mlflow_command()} ui --backend-store-uri {target}"
                  + (f" --default-artifact-root {root}" if root else "") + f" --port {port}   # then open {base}"]
     if experiment_id:
         lines.append(f"charts: {base}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART")
@@ -105,10 +119,50 @@ def ui_hint(tracking_uri: str, experiment_id: str | None, run_ids: list[str], po
 
 
 # ------------------------------------------------------------ the client
+#: Test hook: pause at random before each call a job makes to the tracking server, up to this
+#: many seconds, and one call in STALL_ONE_IN up to STALL_TIMES as long (a job descheduled on a
+#: loaded machine: the stalls are what lets a parallel job act between two calls of one step).
+#: So a test can make parallel jobs interleave where on a quiet machine they rarely do.
+#: Read here only; unset (the default) changes nothing.
+DELAY_ENV = "QUANTFORGE_TEST_REGISTRY_DELAY_S"
+STALL_ONE_IN = 10
+STALL_TIMES = 10
+
+
+class _Delayed:
+    """The real client, with a random pause before each of its calls (see DELAY_ENV)."""
+
+    def __init__(self, real: Any, most_s: float):
+        self._real, self._most_s = real, most_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            stall = random.randrange(STALL_ONE_IN) == 0
+            time.sleep(random.uniform(0.0, self._most_s * (STALL_TIMES if stall else 1)))
+            return attr(*args, **kwargs)
+
+        return call
+
+
 def client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    real = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    delay = os.environ.get(DELAY_ENV, "").strip()
+    if delay:
+        try:
+            most_s = float(delay)
+        except ValueError:
+            from pipeline.errors import InvalidInput
+
+            raise InvalidInput(f"${DELAY_ENV}={delay!r} is not a number of seconds") from None
+        if most_s > 0:
+            return _Delayed(real, most_s)
+    return real
 
 
 @contextlib.contextmanager
@@ -180,6 +234,25 @@ def is_unique_race(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     return isinstance(exc, MlflowException) and error_code(exc) in ("BAD_REQUEST", "INTERNAL_ERROR") and bool(_UNIQUE_RACE.search(str(exc)))
+
+
+def is_gone(exc: BaseException) -> bool:
+    """What a job was writing to was removed by a parallel job: a model version it created that
+    another job deleted as a duplicate (RESOURCE_DOES_NOT_EXIST), or a run deleted as a duplicate
+    (MLflow refuses writes to a deleted run: INVALID_PARAMETER_VALUE "must be in the 'active'
+    state", store/tracking/sqlalchemy_store.py ``_check_run_is_active``)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    code = error_code(exc)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "must be in the 'active' state" in str(exc))
+
+
+def is_race(exc: BaseException) -> bool:
+    """A request that lost to a parallel job (see :func:`is_gone` and :func:`is_unique_race`):
+    looking again at what the registry holds now resolves it."""
+    return is_gone(exc) or is_unique_race(exc)
 
 
 def retry_races(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:

@@ -124,7 +124,10 @@ class Server:
         if not (self.dir / "mlflow.db").exists():  # skip the server's own table creation
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.copy(self.empty_db, self.dir / "mlflow.db")
-        subprocess.run([str(SCRIPT), "start", str(self.dir), str(self.port)], check=True, capture_output=True, timeout=300)
+        # The mlflow of the Python running the tests (a worktree or CI checkout has no .venv of its own).
+        env = {**os.environ, "MLFLOW_BIN": os.environ.get("MLFLOW_BIN") or str(Path(sys.executable).parent / "mlflow")}
+        res = subprocess.run([str(SCRIPT), "start", str(self.dir), str(self.port)], capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, f"mlflow server did not start:\n{res.stdout}{res.stderr}"
 
     def stop(self) -> None:
         pid_file = self.dir / "server.pid"

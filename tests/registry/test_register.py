@@ -15,7 +15,7 @@ from pipeline.core.report import read_report
 from pipeline.errors import StageFailed
 from pipeline.registry.parts import PARTS_DIR, REPORT_ARTIFACT, REPORT_TAG
 from pipeline.registry.register import register_report
-from pipeline.registry.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, tracking_uri_for
+from pipeline.registry.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, mlflow_command, tracking_uri_for
 from tests.registry.conftest import QUANTFORGE, REPO, Log, client_for, download_tree, quiet, snapshot, store_tree
 from tests.registry.reports import FP8, GGUF, own_copies, rebuilt, variant, with_device, write
 
@@ -97,7 +97,7 @@ def test_registration_matches_the_real_report_and_is_idempotent(store_dir, repor
     view = json.loads(Path(c.download_artifacts(parent.info.run_id, REPORT_ARTIFACT, str(tmp_path / "view"))).read_text())
     assert {a["name"]: a["registry"]["version"] for a in view["artifacts"]} == {FP8: "1", GGUF: "1"}
     assert parent.data.tags[REPORT_TAG]
-    assert any(line.startswith("browse: mlflow ui --backend-store-uri sqlite:///") and str(store_dir) in line for line in log)
+    assert any(line.startswith(f"browse: {mlflow_command()} ui --backend-store-uri sqlite:///") and str(store_dir) in line for line in log)
     assert any(line.startswith("compare: http://127.0.0.1:5000/#/compare-runs?runs=[") for line in log)
 
     # A second registration of the unchanged report creates, uploads and logs nothing.
@@ -263,7 +263,7 @@ def test_register_cli_from_report_json_alone(tmp_path, empty_db, report):
     res = subprocess.run([*QUANTFORGE, "register", str(path), "--artifacts-dir", str(artifacts)],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "2 artifact(s) registered" in res.stdout and "browse: mlflow ui --backend-store-uri sqlite:///" in res.stdout
+    assert "2 artifact(s) registered" in res.stdout and f"browse: {mlflow_command()} ui --backend-store-uri sqlite:///" in res.stdout
     assert all(a.registry.version == "1" for a in read_report(path).artifacts)
 
 

@@ -29,7 +29,7 @@ def test_names_and_values():
 def test_ui_hint_names_the_store_and_a_compare_page(tmp_path):
     uri = tracking.tracking_uri_for(tmp_path)
     lines = tracking.ui_hint(uri, "3", ["r1", "r2"])
-    assert lines[0].startswith(f"browse: mlflow ui --backend-store-uri {uri} --default-artifact-root {tmp_path.resolve() / 'mlflow' / 'artifacts'}")
+    assert lines[0].startswith(f"browse: {tracking.mlflow_command()} ui --backend-store-uri {uri} --default-artifact-root {tmp_path.resolve() / 'mlflow' / 'artifacts'}")
     assert lines[1] == "charts: http://127.0.0.1:5000/#/experiments/3/runs?compareRunsMode=CHART"
     assert lines[2] == 'compare: http://127.0.0.1:5000/#/compare-runs?runs=["r1","r2"]&experiments=["3"]'
     assert tracking.ui_hint("http://mlflow.example:5000/", "3", [])[0] == "browse: http://mlflow.example:5000"
