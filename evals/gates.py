@@ -116,7 +116,17 @@ def derive_metrics(report) -> None:
             m.kl_mean_err = float(acc["kl_mean_err"])
         m.bpw_linear, m.bpw_model = bpw_linear, bpw_model
 
+    from evals.bits import bits_fields
+
     src = report.source
+    # Reports written before bits were counted: count them now where the files are here.
+    if src is not None and src.bpw_linear is None and not src.bpw_detail:
+        for k, v in bits_fields(src.path).items():
+            setattr(src, k, v)
+    for a in report.built():
+        if a.bpw_linear is None and not a.bpw_detail:
+            for k, v in bits_fields(a.path).items():
+                setattr(a, k, v)
     for ev in report.baseline.values():
         fill(ev, src.bpw_linear if src else None, src.bpw_model if src else None)
     for a in report.built():
