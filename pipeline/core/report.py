@@ -201,6 +201,10 @@ class Recommendation(Loose):
     criterion: str = "smallest"
     reason: str = ""
     pareto: list[str] = []  # artifacts on the size/speed vs KL front
+    #: which front `pareto` is: "size vs KL divergence" or "decode speed vs KL divergence"
+    front: str | None = None
+    #: artifacts on the linear-layer bits per weight vs KL front (compare formats at equal bits)
+    pareto_bits: list[str] = []
 
 
 # ---------------------------------------------------------------- registry
