@@ -9,7 +9,11 @@ device's flat metrics (:class:`pipeline.core.report.Metrics`):
 * ``kl_p99``              <= ``max_kl_p99``
 * ``top1_agreement_pct``  >= ``min_top1_agreement_pct``
 * ``task_recovery_pct``   >= ``min_task_accuracy_recovery_pct`` (task accuracy / the source's, %)
-* ``decode_speedup``      >= ``min_decode_speedup`` (artifact / source decode tok/s, batch 1)
+* ``decode_speedup``      >= ``min_decode_speedup`` (artifact / source decode tok/s, batch 1),
+  compared **within one runtime** only: the source runs in transformers, so a GGUF in
+  llama.cpp has no speed-up to compare (llama.cpp against transformers would pass every
+  GGUF and fail every dequantized checkpoint, whatever the format costs). Such a check
+  is recorded as not comparable and leaves the gate ``unverified`` on that device.
 
 Where a measure has a standard error (Δppl and mean KL, from the per-token values as
 ``llama-perplexity`` computes them), each check also says whether its verdict is
@@ -63,6 +67,11 @@ def evaluate_gates(spec, required_devices: list[str], evals: dict[str, EvalEntry
         for name, field, key, direction in active:
             threshold = getattr(spec, field)
             value = getattr(ev.metrics, key, None)
+            if key == "decode_speedup" and value is None and ev.speedup_basis and ev.speedup_basis.startswith("not comparable"):
+                unverified.append(device)
+                checks.append(GateCheck(name=name, device=device, threshold=threshold, passed=False, comparable=False,
+                                        reason=ev.speedup_basis))
+                continue
             if value is None:
                 why = ev.reason or f"no {key} measured on {device}"
                 checks.append(GateCheck(name=name, device=device, threshold=threshold, passed=False, reason=why))
@@ -72,7 +81,7 @@ def evaluate_gates(spec, required_devices: list[str], evals: dict[str, EvalEntry
             clear = None if err is None else bool(abs(float(value) - threshold) > GATE_Z * err)
             checks.append(GateCheck(name=name, device=device, value=round(float(value), 6), threshold=threshold, passed=bool(ok),
                                     err=None if err is None else round(float(err), 6), clear=clear))
-    failed = any(not c.passed and c.name != "evaluated" for c in checks)
+    failed = any(not c.passed and c.name != "evaluated" and c.comparable is not False for c in checks)
     if failed:
         status = "failed"
     elif pending:
@@ -116,7 +125,20 @@ def derive_metrics(report) -> None:
             m.kl_mean_err = float(acc["kl_mean_err"])
         m.bpw_linear, m.bpw_model = bpw_linear, bpw_model
 
+    def speed_basis(ev: EvalEntry, base: EvalEntry | None) -> None:
+        mine = ev.speed_runtime or ev.runtime
+        theirs = (base.speed_runtime or base.runtime) if base is not None else None
+        if ev.metrics.decode_tps is None or theirs is None:
+            return
+        if mine == theirs:
+            ev.speedup_basis = f"within {runtime_label(mine)}"
+        else:
+            ev.metrics.decode_speedup = None
+            ev.speedup_basis = (f"not comparable: measured in {runtime_label(mine)}, the source in {runtime_label(theirs)}; "
+                                "a decode speed-up compares within one runtime")
+
     from evals.bits import bits_fields
+    from evals.present import runtime_label
 
     src = report.source
     # Reports written before bits were counted: count them now where the files are here.
@@ -130,8 +152,9 @@ def derive_metrics(report) -> None:
     for ev in report.baseline.values():
         fill(ev, src.bpw_linear if src else None, src.bpw_model if src else None)
     for a in report.built():
-        for ev in a.evals.values():
+        for device, ev in a.evals.items():
             fill(ev, a.bpw_linear, a.bpw_model)
+            speed_basis(ev, report.baseline.get(device))
 
 
 def failed_checks(gates: GateResult | None) -> list[str]:
@@ -140,7 +163,7 @@ def failed_checks(gates: GateResult | None) -> list[str]:
         return []
     out = []
     for c in gates.checks:
-        if c.passed or c.name == "evaluated":
+        if c.passed or c.name == "evaluated" or c.comparable is False:
             continue
         if c.value is None:
             out.append(f"{c.name} not measured on {c.device}")

@@ -131,6 +131,9 @@ class EvalEntry(Loose):
     speed: dict[str, Any] = {}  # the raw speed record (runs, spreads, memory)
     roofline: dict[str, Any] = {}
     speed_reason: str | None = None
+    #: what metrics.decode_speedup compares: "within transformers" (artifact and source in one runtime);
+    #: when the runtimes differ, why there is no speed-up (a speed gate on it is unverified, not failed)
+    speedup_basis: str | None = None
     tasks_reason: str | None = None
     stage_key: str | None = None  # the eval stage's cache key (lineage)
 
@@ -158,6 +161,9 @@ class GateCheck(Loose):
     #: True: the threshold lies outside value ± GATE_Z standard errors (the verdict holds at about 95 %);
     #: False: inside (the verdict could flip on more text); None: no error known
     clear: bool | None = None
+    #: False: the value cannot be compared with the threshold here (a speed-up across runtimes);
+    #: the check then leaves the gate unverified rather than failed
+    comparable: bool | None = None
 
 
 GateStatus = Literal["passed", "failed", "pending", "unverified"]
@@ -176,7 +182,7 @@ class GateResult(Loose):
         """device -> passed (False if any check failed there; None while pending or unverified)."""
         out: dict[str, bool | None] = {}
         for c in self.checks:
-            if c.name == "evaluated":
+            if c.name == "evaluated" or c.comparable is False:
                 out[c.device] = None if out.get(c.device) is not False else False
                 continue
             if not c.passed:

@@ -53,3 +53,21 @@ def test_clear_and_marginal_verdicts(real_report):  # noqa: F811
 def test_gate_check_round_trips_through_json():
     c = GateCheck(name="kl_mean", device="cpu", value=0.1, threshold=0.2, passed=True, err=0.01, clear=True)
     assert GateCheck.model_validate_json(c.model_dump_json()) == c
+
+
+def test_speed_gate_compares_within_one_runtime(real_report):  # noqa: F811
+    """fp8 runs in transformers like the source: its speed-up is compared. The GGUF runs in llama.cpp:
+    no speed-up against transformers, so a speed gate leaves it unverified instead of passing it."""
+    from evals.gates import derive_metrics, evaluate_gates
+
+    r = real_report.model_copy(deep=True)
+    derive_metrics(r)
+    fp8, gguf = r.artifact("fp8").evals["cpu"], r.artifact("gguf-Q8_0").evals["cpu"]
+    assert fp8.speedup_basis == "within transformers" and fp8.metrics.decode_speedup == pytest.approx(
+        fp8.metrics.decode_tps / r.baseline["cpu"].metrics.decode_tps)
+    assert gguf.metrics.decode_speedup is None and gguf.speedup_basis.startswith("not comparable: measured in llama.cpp")
+    spec = GateSpec(max_perplexity_increase_pct=None, max_kl_divergence=None, min_decode_speedup=0.01)
+    assert evaluate_gates(spec, ["cpu"], {"cpu": fp8}).status == "passed"
+    g = evaluate_gates(spec, ["cpu"], {"cpu": gguf})
+    assert g.status == "unverified" and g.passed is None and g.per_device() == {"cpu": None}
+    assert "llama.cpp" in g.checks[0].reason and g.checks[0].comparable is False
