@@ -78,12 +78,13 @@ def print_build_summary(report, results, path: Path) -> None:
     for r in results.values():
         counts[r.status] = counts.get(r.status, 0) + 1
     table = Table(title=f"build: {report.recipe}")
-    for col in ("artifact", "kind", "status", "size", "seconds", "note"):
+    for col in ("artifact", "kind", "status", "bpw", "size", "seconds", "note"):
         table.add_column(col, overflow="fold")
     for a in report.artifacts:
         style = {"built": "green", "failed": "red", "skipped": "yellow"}.get(a.status, "dim")
         secs = f"{a.build_seconds:.1f}" if a.build_seconds is not None else "-"
-        table.add_row(a.name, a.kind, f"[{style}]{a.status}[/{style}]", human_bytes(a.bytes), secs, a.reason or a.format)
+        bpw = f"{a.bpw_linear:.2f}" if a.bpw_linear is not None else "-"  # linear layers (report.json: bpw_linear)
+        table.add_row(a.name, a.kind, f"[{style}]{a.status}[/{style}]", bpw, human_bytes(a.bytes), secs, a.reason or a.format)
     console.print(table)
     console.print("stages: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"   report: {path}")
 
