@@ -300,8 +300,15 @@ def render(report: Report, console=None, devices: list[str] | None = None, wide:
             notes.append(f"not shown at this width: {', '.join(hidden)} (--wide shows every column; --format "
                          "markdown|csv|json writes them all)")
         for line in notes + legend(report, device):
-            # Fitted: wrapped at the same width; otherwise one line each (logs, grep).
-            console.print("  " + line, markup=False, soft_wrap=fit is None, width=fit)
+            # Fitted: wrapped at the same width, continuation lines indented; otherwise one line each (logs, grep).
+            if fit is not None:
+                import textwrap
+
+                line = textwrap.fill(line, width=max(fit - 1, 20), initial_indent="  ", subsequent_indent="    ",
+                                     break_on_hyphens=False)
+            else:
+                line = "  " + line
+            console.print(line, markup=False, soft_wrap=True)
 
 
 def print_eval_tables(report: Report, console=None) -> None:
