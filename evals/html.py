@@ -87,7 +87,7 @@ def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str], bpw: t
         *[f"<td>{_task_cell(ev, t, src)}</td>" for t in tasks],
         f"<td>{_num(m.prefill_tps, ',.0f')}</td>",
         f"<td>{_num(m.decode_tps, ',.1f')}</td>",
-        f"<td>{_num(m.roofline_pct, '.0f')}</td>",
+        f"<td>{_num(m.decode_bound_tps, ',.0f')}{' (' + _num(m.roofline_pct, '.0f') + ' %)' if m.roofline_pct is not None else ''}</td>",
         f'<td class="l {gate.split()[0]}">{_e(gate)}</td>',
     ]
     return f'<tr class="{cls}">' + "".join(cells) + "</tr>"
@@ -102,7 +102,7 @@ def device_section(report: Report, device: str, folder: Path | None = None) -> s
     tasks = sorted({t for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks}
                    | set((report.baseline.get(device) or EvalEntry()).tasks))
     head = ["artifact", "runtime", "bpw linear", "bpw model", "size", "ppl", "Δppl % ± s.e.", "KL mean ± s.e.", "KL p99", "top-1 %",
-            *[f"{t} %" for t in tasks], "prefill tok/s", "decode tok/s", "% roofline", "gate"]
+            *[f"{t} %" for t in tasks], "prefill tok/s", "decode tok/s", "ceiling tok/s (% reached)", "gate"]
     src = report.source
     rows = [_row("source", report.baseline.get(device) or EvalEntry(), "baseline", "source", tasks,
                  (src.bpw_linear, src.bpw_model) if src else (None, None))]
@@ -138,9 +138,10 @@ def device_section(report: Report, device: str, folder: Path | None = None) -> s
                "from the source ± its paired error (same items).</p>")
     bw = info.bandwidth
     if bw.get("bandwidth_gbs"):
-        out.append(f"<p class='note'>% roofline: decode tokens/s as a share of {bw['bandwidth_gbs']} GB/s ({_e(bw.get('method'))}) "
-                   "divided by the weight bytes read per token. Dequantized: the runtime expanded low-bit weights to "
-                   "floats (no low-bit kernels ran), so its speed is not the format's.</p>")
+        out.append(f"<p class='note'>Ceiling: the batch-1 decode bound the format buys, {bw['bandwidth_gbs']} GB/s ({_e(bw.get('method'))}) "
+                   "divided by the artifact's stored weight bytes read per token; in brackets, the share of it the measured "
+                   "decode reached. Dequantized: the runtime expanded low-bit weights to floats (no low-bit kernels ran), "
+                   "so its speed is not the format's.</p>")
     if folder is not None:
         out.append(_plot(folder, device))
         out.append(_bits_plot(folder, device))

@@ -84,7 +84,7 @@ COLUMNS = (
     Column("dtasks", "Δtasks", 10),
     Column("prefill", "prefill t/s", 14),
     Column("decode", "decode t/s", 8),
-    Column("roof", "%roof", 15),
+    Column("ceiling", "ceiling t/s", 15),
     Column("gate", "gate", 0, left=True),
 )
 
@@ -126,7 +126,8 @@ def records(report: Report, device: str) -> list[dict[str, Any]]:
             "kl_p99": m.kl_p99 if a else None, "top1_agreement_pct": m.top1_agreement_pct if a else None,
             "task_accuracy_pct": None if m.task_accuracy is None else 100 * m.task_accuracy,
             "delta_tasks_pts": td[0] if td else None, "delta_tasks_pts_err": td[1] if td else None,
-            "prefill_tps": m.prefill_tps, "decode_tps": m.decode_tps, "roofline_pct": m.roofline_pct,
+            "prefill_tps": m.prefill_tps, "decode_tps": m.decode_tps, "decode_bound_tps": m.decode_bound_tps,
+            "roofline_pct": m.roofline_pct,
             "gate": "baseline" if a is None else (a.gates.status if a.gates else None),
             "gate_marginal": bool(a is not None and marginal(a.gates, device)),
             "recommended": bool(a is not None and rec is not None and rec.artifact == a.name),
@@ -155,7 +156,8 @@ def cells(r: dict[str, Any]) -> dict[str, str]:
         "top1": _f(r["top1_agreement_pct"], ".1f"),
         "tasks": _f(r["task_accuracy_pct"], ".1f"),
         "dtasks": "" if r["delta_tasks_pts"] is None else f"{r['delta_tasks_pts']:+.1f}±{r['delta_tasks_pts_err']:.1f}",
-        "prefill": _f(r["prefill_tps"], ",.0f"), "decode": _f(r["decode_tps"], ",.1f"), "roof": _f(r["roofline_pct"], ".0f"),
+        "prefill": _f(r["prefill_tps"], ",.0f"), "decode": _f(r["decode_tps"], ",.1f"),
+        "ceiling": _f(r["decode_bound_tps"], ",.0f"),
         "gate": gate if r["status"] == "done" or src else f"{gate} ({r['status']})",
     }
 
@@ -208,8 +210,9 @@ def legend(report: Report, device: str) -> list[str]:
     info = report.devices.get(device)
     bw = info.bandwidth if info else {}
     if bw.get("bandwidth_gbs"):
-        lines.append(f"%roof: decode tok/s as % of {bw['bandwidth_gbs']} GB/s ({bw.get('method')}) / weight bytes read per "
-                     "token; dq: low-bit weights were dequantized to run (no low-bit kernels)")
+        lines.append(f"ceiling t/s: the batch-1 decode bound the format buys, {bw['bandwidth_gbs']} GB/s ({bw.get('method')}) "
+                     "/ its stored weight bytes read per token; dq: low-bit weights were dequantized to run (no low-bit "
+                     "kernels), so that row's speed is not the format's")
     scores = [t for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks.values()]
     if scores:
         n = max((t.samples or 0) for t in scores)

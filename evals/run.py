@@ -56,8 +56,10 @@ def changed_artifacts(report: Report) -> dict[str, str]:
     return out
 
 
-def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict, size: int | None) -> EvalEntry:
-    """A typed eval entry from one eval stage's outcome."""
+def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict, size: int | None,
+               stored_per_token: int | None = None) -> EvalEntry:
+    """A typed eval entry from one eval stage's outcome; `stored_per_token`: the artifact's stored
+    weight bytes read per decoded token (the format's own, whatever the runtime expanded them to)."""
     from evals.roofline import roofline
     from evals.speed import headline
 
@@ -79,7 +81,7 @@ def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict,
         entry.speed_reason = "no runtime here measures its speed: " + "; ".join(facts.get("runtime_notes") or [])
     entry.dequantized = acc.get("dequantized", spd.get("dequantized"))
     head = headline(spd) if spd else {}
-    entry.roofline = roofline(head.get("decode_tps"), spd.get("weight_bytes_per_token"), bandwidth.get("bandwidth_gbs"))
+    entry.roofline = roofline(head.get("decode_tps"), stored_per_token or spd.get("weight_bytes_per_token"), bandwidth.get("bandwidth_gbs"))
     m = Metrics(
         size_bytes=size,
         perplexity=acc.get("perplexity"),
@@ -88,7 +90,7 @@ def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict,
         kl_p99=acc.get("kl_p99"), kl_p999=acc.get("kl_p999"), kl_max=acc.get("kl_max"),
         top1_agreement_pct=acc.get("top1_agreement_pct"), rms_dp_pct=acc.get("rms_dp_pct"),
         prefill_tps=head.get("prefill_tps"), decode_tps=head.get("decode_tps"), ttft_s=head.get("ttft_s"),
-        roofline_pct=entry.roofline.get("pct"), peak_rss_mib=spd.get("peak_rss_mib"),
+        roofline_pct=entry.roofline.get("pct"), decode_bound_tps=entry.roofline.get("bound_tps"), peak_rss_mib=spd.get("peak_rss_mib"),
         peak_vram_mib=spd.get("cuda_max_allocated_mib"),
     )
     base = baseline.metrics if baseline is not None and baseline.status == "done" else None
@@ -99,6 +101,26 @@ def entry_from(result: StageResult, baseline: EvalEntry | None, bandwidth: dict,
             m.decode_speedup = m.decode_tps / base.decode_tps
     entry.metrics = m
     return entry
+
+
+def write_lm_eval_results(results: dict, device: str, folder: Path, log: Log) -> None:
+    """lm-eval's own results JSON of each model's tasks, beside report.json
+    (``lm_eval/<device>/<model>.json``), in the layout its ``--output_path`` writes."""
+    import json
+
+    written = 0
+    for stage, res in results.items():
+        if not stage.startswith(f"eval/{device}/") or res.output is None:
+            continue
+        native = (res.output.result.get("tasks") or {}).get("lm_eval")
+        if not native:
+            continue
+        out = folder / "lm_eval" / device / f"{stage.rsplit('/', 1)[1]}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(native, indent=2))
+        written += 1
+    if written:
+        log(f"[eval {device}] lm-eval results: {folder / 'lm_eval' / device}/*.json")
 
 
 def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, report: Report, log: Log,
@@ -115,8 +137,11 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
                       logs_dir=Path(artifacts_dir) / loaded.recipe.name / "logs")
     bw = results.get(f"eval/{device}/bandwidth")
     bandwidth = bw.output.result if bw and bw.output else {}
+    from evals.roofline import stored_bytes_per_token
+
     source_size = _dir_bytes(Path(report.source.path))
-    baseline = entry_from(results[f"eval/{device}/source"], None, bandwidth, source_size)
+    baseline = entry_from(results[f"eval/{device}/source"], None, bandwidth, source_size,
+                          stored_bytes_per_token(Path(report.source.path)))
     entries: dict[str, EvalEntry] = {}
     for a in report.built():
         if a.name in changed:
@@ -126,7 +151,8 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
         res = results.get(f"eval/{device}/{a.name}")
         if res is None:
             continue
-        entries[a.name] = entry_from(res, baseline, bandwidth, a.bytes or _dir_bytes(Path(a.path)))
+        entries[a.name] = entry_from(res, baseline, bandwidth, a.bytes or _dir_bytes(Path(a.path)),
+                                     stored_bytes_per_token(Path(a.path)))
     if spec.tasks:
         from evals.tasks import attach_scores
 
@@ -137,6 +163,7 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
         raw = {"source": scores(f"eval/{device}/source")}
         raw.update({a.name: scores(f"eval/{device}/{a.name}") for a in report.built()})
         attach_scores(raw, baseline, entries)
+        write_lm_eval_results(results, device, report_path(artifacts_dir, loaded.recipe.name).parent, log)
     info = DeviceInfo(status="done", fingerprint=ec.fingerprint, fingerprint_hash=ec.fingerprint_hash,
                       bandwidth=bandwidth, suite=ec.suite.spec.name, suite_fingerprint=ec.suite.fingerprint[:16])
     return baseline, entries, info

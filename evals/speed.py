@@ -139,18 +139,10 @@ def measure(runtime_name: str, path: Path, device: str, threads: int, prompt_len
 
 def gpu_process_memory_mib() -> float | None:
     """GPU memory this process holds, as nvidia-smi reports it (None where it cannot tell)."""
-    import shutil
-    import subprocess
+    from pipeline.backends.devices import nvidia_smi
 
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        rows = subprocess.run([exe, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=20).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for row in rows:
+    out = nvidia_smi("--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits")
+    for row in (out or "").splitlines():
         pid, _, mib = row.partition(",")
         if pid.strip() == str(os.getpid()) and mib.strip().isdigit():
             return float(mib.strip())

@@ -1,4 +1,4 @@
-"""One model, one process: speed first (so peak memory is the model's own), then accuracy.
+"""One model, one process: speed first (so peak memory is the model's own), then accuracy, then tasks.
 
 Run by :mod:`evals.run` as ``python -m evals.worker JOB.json OUT.json``. One
 process per model rather than one per measurement halves the interpreter and
@@ -6,6 +6,12 @@ torch start-ups (tens of seconds each on a loaded 2-core machine) while keeping
 what isolation is for: a runtime that crashes takes down only this model's
 evaluation, and memory is returned to the system between models. An exception
 in one part is recorded as that part's failure; the other part still runs.
+
+A GGUF worker holds llama.cpp, so it imports nothing that cannot share a process with it
+(:func:`pipeline.backends.llamacpp.isolate` refuses torch, transformers, pyarrow, pandas and
+datasets there, on every build). Its tasks therefore run in a child of their own: lm-eval
+(which imports datasets -> pyarrow) with quantforge's llama.cpp adapter, whose model lives in
+a third process made for llama.cpp (:mod:`evals.runtimes.llamacpp_scorer`).
 """
 
 from __future__ import annotations
@@ -41,10 +47,28 @@ def run_job(job: dict) -> dict:
             out["accuracy"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     if job.get("tasks"):
         try:
-            out["tasks"] = {"status": "done", **run_tasks(job)}
+            isolated = job.get("runtime") == "llama_cpp" and (job.get("speed") or job.get("accuracy"))
+            out["tasks"] = tasks_in_child(job) if isolated else {"status": "done", **run_tasks(job)}
         except Exception as exc:
             out["tasks"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     return out
+
+
+def tasks_in_child(job: dict) -> dict:
+    """The job's tasks in a fresh worker (this process holds llama.cpp; lm-eval cannot join it)."""
+    import tempfile
+
+    from pipeline.core.proc import first_error_line, how_it_ended, run_python
+
+    with tempfile.TemporaryDirectory(prefix="qf-tasks-") as tmp:
+        job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        job_file.write_text(json.dumps({k: v for k, v in job.items() if k not in ("speed", "accuracy")}))
+        proc = run_python("evals.worker", [job_file, out_file], threads=job.get("threads"))
+        sys.stderr.write(proc.stderr[-20000:])  # into this stage's log
+        if proc.returncode != 0 or not out_file.is_file():
+            return {"status": "failed", "reason": f"the tasks worker ended with {how_it_ended(proc.returncode)}: "
+                                                  f"{first_error_line(proc.stderr + proc.stdout)}"}
+        return json.loads(out_file.read_text())["tasks"]
 
 
 def run_tasks(job: dict) -> dict:
@@ -61,18 +85,22 @@ def run_tasks(job: dict) -> dict:
         from evals.runtimes.llama_cpp_rt import gguf_file
 
         lm = LlamaCppLM(model_path=str(gguf_file(path)), n_threads=threads, n_gpu_layers=0 if device == "cpu" else -1)
-        session = None
+        session = lm
     else:
         from evals.runtimes import get_runtime
 
         session = get_runtime(runtime).open(path, device, threads, logits=True)
         lm = tasks.hf_lm(session.model, path)
+    native: dict = {}
     try:
-        scores = tasks.run(lm, t["include"], t["names"], t["limit"])
+        scores = tasks.run(lm, t["include"], t["names"], t["limit"], native=native)
     finally:
         if session is not None:
             session.close()
-    return {"scores": scores, "runtime": runtime, "seconds": round(time.perf_counter() - t0, 2)}
+    out = {"scores": scores, "runtime": runtime, "seconds": round(time.perf_counter() - t0, 2), "lm_eval": native}
+    if runtime == "llama_cpp":  # what the scorer process held beside llama.cpp ([] unless isolation failed)
+        out["modules_beside_llama_cpp"] = lm.scorer_info["modules_beside_llama_cpp"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,11 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m evals.worker JOB.json OUT.json", file=sys.stderr)
         return 2
     job = json.loads(Path(argv[0]).read_text())
-    if job.get("runtime") == "llama_cpp":
-        from pipeline.backends.llamacpp import binding
+    holds_llama_cpp = job.get("runtime") == "llama_cpp" and bool(job.get("speed") or job.get("accuracy"))
+    if holds_llama_cpp:
+        from pipeline.backends.llamacpp import isolate
 
-        binding()  # before numpy: a CUDA build loaded after it crashed (see llamacpp.binding)
-    Path(argv[1]).write_text(json.dumps(run_job(job), indent=2))
+        isolate()  # llama.cpp first, and nothing after it that cannot share its process
+    result = run_job(job)
+    if holds_llama_cpp:
+        from pipeline.backends.llamacpp import loaded_forbidden
+
+        result["modules_beside_llama_cpp"] = loaded_forbidden()  # [] unless isolation failed
+    Path(argv[1]).write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import pipeline
-from pipeline.core.plan import Plan, make_plan
+from pipeline.plan import Plan, make_plan
 from pipeline.core.report import ArtifactReport, SourceReport, StageRecord, report_path, updating
 from pipeline.core.runner import StageResult, execute, stage_keys
 from pipeline.errors import StageFailed
@@ -91,7 +91,8 @@ def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, re
             record = StageRecord(name=res.stage.name, kind=res.stage.kind, key=res.key, status=res.status, seconds=round(res.seconds, 3),
                                  built_seconds=res.output.manifest.get("seconds") if res.output else None,
                                  reason=res.reason, target=res.stage.target,
-                                 log=str(res.log_file) if res.log_file and res.status == "failed" else None)
+                                 log=str(res.log_file) if res.log_file and res.status == "failed" else None,
+                                 host=res.host, node=res.node, pid=res.pid, started=_iso(res.started), ended=_iso(res.ended))
             report.stages = [s for s in report.stages if s.name != record.name] + [record]
             info = res.stage.artifact
             if info is None:
@@ -121,6 +122,12 @@ def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, re
         names = {s.artifact.name for s in plan.stages if s.artifact}
         report.artifacts = [a for a in report.artifacts if a.name in names]
         return report
+
+
+def _iso(t: float | None) -> str | None:
+    import datetime
+
+    return None if t is None else datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _read_config(model_dir: Path) -> dict:

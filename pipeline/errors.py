@@ -1,7 +1,9 @@
 """Errors users see, and the exit codes they map to.
 
 Exit codes: 0 ok, 1 a stage failed (or the registry was unreachable),
-2 invalid input, 3 a gate failed (only with --fail-on-gate).
+2 invalid input, 3 a gate failed (only with --fail-on-gate), 4 the model hub could
+not be reached (``validate``: the checks that need the model's config.json were
+skipped, and named; nothing that was checked is wrong).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ EXIT_OK = 0
 EXIT_STAGE_FAILED = 1
 EXIT_INVALID_INPUT = 2
 EXIT_GATE_FAILED = 3
+#: Not "invalid input": the recipe may be fine, the network or the hub is not.
+EXIT_HUB_UNREACHABLE = 4
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,10 @@ class RegistryUnavailable(QuantforgeError):
     """The tracking server could not be reached; results stay on disk for `quantforge register`."""
 
     exit_code = EXIT_STAGE_FAILED
+
+
+class HubUnreachable(QuantforgeError):
+    """The model hub could not be reached (offline, DNS, timeout, gated without a token):
+    what needs it was not done. Not invalid input: the same recipe may pass once online."""
+
+    exit_code = EXIT_HUB_UNREACHABLE

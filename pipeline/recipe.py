@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from pipeline.errors import InvalidInput, Problem
 from pipeline.spec import NAME_MAX, NAME_PATTERN, GateSpec, Strict
-from pipeline.targets import KINDS, declaration, settings_classes, unknown_kind_message
+from pipeline.targets import declaration, registered, settings_classes, unknown_kind_message
 
 
 # --------------------------------------------------------------------- source
@@ -81,7 +81,7 @@ def _target_union():
 
 
 Target = _target_union()
-TARGET_KINDS = tuple(KINDS)
+TARGET_KINDS = tuple(registered())
 
 
 # -------------------------------------------------------------------- evals
@@ -97,10 +97,25 @@ class SpeedSpec(Strict):
     threads: int | None = Field(None, ge=1)
 
 
+def _device_name(name: str) -> str:
+    """A known device (cpu, cuda, a GPU class): an unknown one would leave its eval job waiting
+    for a runner that never comes, and its gate pending forever."""
+    from pipeline.backends.devices import Device
+
+    if not re.match(NAME_PATTERN, name) or len(name) > NAME_MAX:
+        Device.parse(name)  # a clearer message where it has one (cuda:0, did-you-mean)
+        raise ValueError(f"device {name!r} must match {NAME_PATTERN} (cpu, cuda, or a GPU class such as h100)")
+    return Device.parse(name).name
+
+
+#: Checked one by one, so every bad entry of a list is reported at its own index.
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+
+
 class EvalSpec(Strict):
     """Which devices evaluate the artifacts, and on what text."""
 
-    devices: list[str] = Field(["cpu"], min_length=1)
+    devices: list[DeviceName] = Field(["cpu"], min_length=1)
     suite: str = "builtin"
     column: str = "text"
     context: int = Field(256, ge=16, le=1_048_576)
@@ -113,10 +128,7 @@ class EvalSpec(Strict):
 
     @field_validator("devices")
     @classmethod
-    def _device_names(cls, devices: list[str]) -> list[str]:
-        for d in devices:
-            if not re.match(NAME_PATTERN, d) or len(d) > NAME_MAX:
-                raise ValueError(f"device {d!r} must match {NAME_PATTERN} (cpu, cuda, or a GPU class such as h100)")
+    def _devices_once(cls, devices: list[str]) -> list[str]:
         if len(set(devices)) != len(devices):
             raise ValueError("devices repeat")
         return devices
@@ -132,6 +144,26 @@ class RegistrySpec(Strict):
 
 
 # ------------------------------------------------------------------- recipe
+class ExecutionSpec(Strict):
+    """Where the stages run; `--executor`/`--address` override it. Kept out of the recipe's hash
+    (and its report): how a recipe runs does not change what it builds.
+
+    ```yaml
+    execution:
+      executor: ray            # local (default: this process) | ray
+      address: auto            # a running Ray cluster; unset: RAY_ADDRESS, else a local one
+      resources:               # per target name (or source, calibration, eval)
+        w4a16-gptq: {num_gpus: 0.5, memory_gb: 40}   # two such stages may share one GPU
+    ```
+    """
+
+    executor: Literal["local", "ray"] = "local"
+    address: str | None = None
+    workers: int | None = Field(None, ge=1)  # CPUs of a local Ray cluster (default: this machine's)
+    max_retries: int = Field(3, ge=0, le=100)  # re-runs of a stage whose worker died
+    resources: dict[str, dict[Literal["num_gpus", "num_cpus", "memory_gb"], Annotated[float, Field(ge=0)]]] = {}
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     description: str = ""
@@ -141,6 +173,7 @@ class Recipe(Strict):
     evals: EvalSpec = EvalSpec()
     gates: GateSpec = GateSpec()
     registry: RegistrySpec = RegistrySpec()
+    execution: ExecutionSpec | None = Field(None, exclude=True)
 
     def target(self, name: str):
         for t in self.targets:
@@ -175,6 +208,16 @@ class LoadedRecipe(BaseModel):
     lines: dict[tuple, int] = {}
     #: the path as the user gave it, for messages
     file: str = ""
+    #: checks that could not run, and why (the hub was unreachable for the model's config.json)
+    skipped: tuple[str, ...] = ()
+    #: set only on the partial recipe of a file whose schema check failed (see SchemaInvalid):
+    #: the sections that did not validate, and the YAML index of each target that did
+    invalid_sections: frozenset[str] = frozenset()
+    target_indices: tuple[int, ...] | None = None
+
+    def target_index(self, i: int) -> int:
+        """The YAML index of ``recipe.targets[i]`` (they differ only in a partial recipe)."""
+        return self.target_indices[i] if self.target_indices is not None else i
 
     def problem(self, loc: tuple, message: str) -> Problem:
         return locate(self.file or str(self.path), loc, message, self.lines)
@@ -326,7 +369,7 @@ def _allowed_keys(parent: tuple, data: Any) -> list[str]:
         if isinstance(part, int):
             if model is _TARGETS_SENTINEL:
                 kind = node.get("kind") if isinstance(node, dict) else None
-                model = declaration(kind).settings if kind in KINDS else None
+                model = declaration(kind).settings if kind in TARGET_KINDS else None
             continue
         fields = getattr(model, "model_fields", {})
         if part == "targets":
@@ -403,10 +446,58 @@ def parse_recipe(path: str | Path) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise InvalidInput(_pydantic_problems(file, exc, data, lines)) from None
+        raise SchemaInvalid(_pydantic_problems(file, exc, data, lines), _partial(path, file, data, lines)) from None
     except RecursionError:
         raise InvalidInput([Problem(file=file, path="", message="nested too deeply to be a recipe")]) from None
     return LoadedRecipe(recipe=recipe, path=path.resolve(), lines=lines, file=file)
+
+
+class SchemaInvalid(InvalidInput):
+    """The schema check failed; ``partial`` holds the sections that are valid on their own, so the
+    checks that only read those can still run and every problem is reported in one go."""
+
+    def __init__(self, problems: list[Problem], partial: LoadedRecipe | None):
+        super().__init__(problems)
+        self.partial = partial
+
+
+_SECTIONS = {"source": SourceSpec, "calibration": CalibrationSpec, "evals": EvalSpec, "gates": GateSpec, "registry": RegistrySpec}
+
+
+def _partial(path: Path, file: str, data: dict, lines: dict) -> LoadedRecipe | None:
+    """A recipe of the sections (and targets) that validate on their own; defaults elsewhere,
+    and the invalid ones named, so no later check reads a default as if the user had written it."""
+    try:
+        parts, bad = {}, set()
+        for key, model in _SECTIONS.items():
+            if key not in data or (key == "calibration" and data[key] is None):  # absent (or null where that is allowed)
+                if key == "source":
+                    bad.add(key)
+                continue
+            try:
+                parts[key] = model.model_validate(data[key])
+            except ValidationError:
+                bad.add(key)
+        targets, at = [], []
+        if isinstance(data.get("targets"), list):
+            adapter = TypeAdapter(Target)
+            for i, raw in enumerate(data["targets"]):
+                try:
+                    targets.append(adapter.validate_python(raw))
+                    at.append(i)
+                except ValidationError:
+                    pass
+        recipe = Recipe.model_construct(
+            name=str(data.get("name")), description="",
+            source=parts.get("source") or SourceSpec.model_construct(model=""),
+            calibration=parts.get("calibration"), targets=targets,
+            evals=parts.get("evals") or EvalSpec(), gates=parts.get("gates") or GateSpec(),
+            registry=parts.get("registry") or RegistrySpec(),
+        )
+        return LoadedRecipe(recipe=recipe, path=path.resolve(), lines=lines, file=file,
+                            invalid_sections=frozenset(bad), target_indices=tuple(at))
+    except Exception:  # noqa: BLE001 - a hostile document: its schema problems are report enough
+        return None
 
 
 def json_schema() -> dict:

@@ -7,8 +7,9 @@ path and line:
 * checks that span fields (unique target names, calibration where a target needs
   it, gate devices among the eval devices);
 * the source's own checks (a builtin name, a local folder or GGUF file that exists
-  and is what it claims), and its config where it can be read here (a hub model
-  that is not in the local cache is checked when it is downloaded);
+  and is what it claims), and its config: a hub model's config.json is fetched
+  alone (a few KB, or read from the hub cache); when the hub cannot be reached the
+  checks that need it are skipped and named (``validate`` exits 4);
 * every target kind's checks (:meth:`TargetBase.problems`), with that config;
 * data checks: the calibration and eval text exist, sizes fit the model.
 
@@ -21,56 +22,100 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import InvalidInput, Problem
-from pipeline.recipe import LoadedRecipe, parse_recipe
+from pipeline.errors import HubUnreachable, InvalidInput, Problem
+from pipeline.recipe import LoadedRecipe, SchemaInvalid, parse_recipe
 from pipeline.targets.base import CheckContext
 
 
 def load_recipe(path: str | Path, check_source: bool = True) -> LoadedRecipe:
     """Parse and check a recipe; raise InvalidInput carrying every problem found.
 
+    When the schema check fails, the checks that read only sections that did validate
+    still run (a bad gate value does not hide a group size the model cannot take).
     ``check_source=False`` skips what needs the source model (for commands that work
     from report.json alone, such as ``register`` on a machine without the model).
+    The returned recipe's ``skipped`` names the checks that could not run (the hub was
+    unreachable for the model's config.json): ``validate`` reports them and exits 4.
     """
-    loaded = parse_recipe(path)
-    problems = recipe_problems(loaded, check_source=check_source)
+    try:
+        loaded = parse_recipe(path)
+    except SchemaInvalid as exc:
+        problems = list(exc.problems)
+        if exc.partial is not None:
+            problems += check_recipe(exc.partial, check_source=check_source)[0]
+        raise InvalidInput(_unique(problems)) from None
+    problems, skipped = check_recipe(loaded, check_source=check_source)
     if problems:
         raise InvalidInput(problems)
-    return loaded
+    return loaded.model_copy(update={"skipped": tuple(skipped)}) if skipped else loaded
 
 
 def recipe_problems(loaded: LoadedRecipe, check_source: bool = True) -> list[Problem]:
+    return check_recipe(loaded, check_source)[0]
+
+
+def check_recipe(loaded: LoadedRecipe, check_source: bool = True) -> tuple[list[Problem], list[str]]:
+    """(every problem, the checks skipped and why)."""
     recipe = loaded.recipe
+    bad = loaded.invalid_sections
     problems = cross_field_problems(loaded)
-    config = None
-    if check_source:
+    config, skipped = None, []
+    if check_source and "source" not in bad:
         from pipeline.sources import peek_source_config
 
         try:
             config = peek_source_config(loaded)
         except InvalidInput as exc:
             problems += [loaded.problem(("source", "model"), p.message) for p in exc.problems]
+        except HubUnreachable as exc:
+            skipped.append(f"{exc}; not checked: {'; '.join(config_checks(loaded))}")
     for i, target in enumerate(recipe.targets):
-        ctx = CheckContext(recipe=recipe, index=i, source_config=config)
+        ctx = CheckContext(recipe=recipe, index=loaded.target_index(i), source_config=config)
         problems += [loaded.problem(loc, msg) for loc, msg in target.problems(ctx)]
-    problems += data_problems(loaded, config)
-    return _unique(problems)
+    if not bad & {"source", "calibration", "evals"}:
+        problems += data_problems(loaded, config)
+    return _unique(problems), skipped
+
+
+def config_checks(loaded: LoadedRecipe) -> list[str]:
+    """The checks of this recipe that read the model's config (what a skip leaves unchecked)."""
+    recipe = loaded.recipe
+    out = []
+    for i, t in enumerate(recipe.targets):
+        at = f"targets.{loaded.target_index(i)}"
+        if t.kind in ("gptq", "awq") and isinstance(t.group_size, int):
+            out.append(f"{at}.group_size {t.group_size} against the layer widths")
+        elif t.kind == "fp8" and t.scheme == "block":
+            out.append(f"{at}.scheme block against the layer widths")
+        elif t.kind == "tensorrt":
+            out.append(f"{at} tp_size/pp_size against heads and layers, and {t.quant} against the widths")
+    lengths = ["evals.context", "evals.speed"] + (["calibration.seq_len"] if recipe.calibration else [])
+    out.append(f"{', '.join(lengths)} against max_position_embeddings")
+    return out
 
 
 def cross_field_problems(loaded: LoadedRecipe) -> list[Problem]:
     recipe = loaded.recipe
+    bad = loaded.invalid_sections
     problems = []
     seen: dict[str, int] = {}
     for i, t in enumerate(recipe.targets):
+        at = loaded.target_index(i)
         if t.name in seen:
-            problems.append(loaded.problem(("targets", i, "name"), f"duplicate target name {t.name!r} (also targets.{seen[t.name]})"))
+            problems.append(loaded.problem(("targets", at, "name"), f"duplicate target name {t.name!r} (also targets.{seen[t.name]})"))
         else:
-            seen[t.name] = i
-        if t.needs_calibration() and recipe.calibration is None:
-            problems.append(loaded.problem(("targets", i, "kind"), f"target {t.name!r} ({t.kind}) needs calibration data: add a `calibration:` section (e.g. `calibration: {{dataset: builtin}}`)"))
-    for j, d in enumerate(recipe.gates.required_devices or []):
-        if d not in recipe.evals.devices:
-            problems.append(loaded.problem(("gates", "required_devices", j), f"device {d!r} is not in evals.devices {recipe.evals.devices}"))
+            seen[t.name] = at
+        from pipeline.targets import declaration
+
+        why = declaration(t.kind).missing()
+        if why:
+            problems.append(loaded.problem(("targets", at, "kind"), f"target {t.name!r}: {why}"))
+        if t.needs_calibration() and recipe.calibration is None and "calibration" not in bad:
+            problems.append(loaded.problem(("targets", at, "kind"), f"target {t.name!r} ({t.kind}) needs calibration data: add a `calibration:` section (e.g. `calibration: {{dataset: builtin}}`)"))
+    if not bad & {"gates", "evals"}:
+        for j, d in enumerate(recipe.gates.required_devices or []):
+            if d not in recipe.evals.devices:
+                problems.append(loaded.problem(("gates", "required_devices", j), f"device {d!r} is not in evals.devices {recipe.evals.devices}"))
     return problems
 
 
@@ -153,7 +198,8 @@ def _unique(problems: list[Problem]) -> list[Problem]:
 
 
 def validate_all(paths: list[Path]) -> tuple[list[tuple[Path, LoadedRecipe]], list[Problem]]:
-    """Every file checked as a build checks it: (each file that passed, with its recipe), every problem of every file."""
+    """Every file checked as a build checks it: (each file that passed, with its recipe: its
+    ``skipped`` names the checks that could not run), every problem of every file."""
     loaded, problems = [], []
     for p in paths:
         try:

@@ -17,13 +17,15 @@ Log = Callable[[str], None]
 
 
 def validate_report(paths: list[Path]) -> tuple[dict, list]:
-    """Every recipe checked: ({"ok", "recipes": [...], "problems": [...]} for --json, the problems)."""
+    """Every recipe checked: ({"ok", "complete", "recipes": [...], "problems": [...]} for --json, the problems).
+
+    ``complete`` is false when some check could not run (each recipe's ``skipped`` says which and why)."""
     from pipeline.validation import validate_all
 
     loaded, problems = validate_all(paths)
-    recipes = [{"file": str(p), "name": lr.recipe.name, "targets": len(lr.recipe.targets), "sha256": lr.recipe.sha256()}
-               for p, lr in loaded]
-    result = {"ok": not problems, "recipes": recipes,
+    recipes = [{"file": str(p), "name": lr.recipe.name, "targets": len(lr.recipe.targets), "sha256": lr.recipe.sha256(),
+                "skipped": list(lr.skipped)} for p, lr in loaded]
+    result = {"ok": not problems, "complete": not any(r["skipped"] for r in recipes), "recipes": recipes,
               "problems": [{"file": q.file, "line": q.line, "path": q.path, "message": q.message} for q in problems]}
     return result, problems
 
@@ -44,7 +46,7 @@ def load_report(path: Path, artifacts_dir: Path):
 
 def plan_rows(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, device: str = "auto"):
     """(stage, key, status) for every build stage and every eval stage, without running anything."""
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.core.runner import stage_keys, stage_status
 
     loaded = load_recipe(recipe_path)
@@ -68,6 +70,7 @@ def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str,
     built_keys = stage_keys(plan.stages)
     now, pending = resolve_devices(device, recipe.evals.devices)
     artifacts = [(s.artifact.name, built_keys[s.name]) for s in plan.stages if s.artifact and (not targets or s.target in targets)]
+    skipped = _skipped_artifacts(plan.stages)
     rows = []
     for d in now:
         current = None
@@ -82,12 +85,24 @@ def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str,
         rows += stage_status(stages, artifacts_dir, stage_keys(stages))
         for name, _ in artifacts:
             if name not in done:
+                # A build skipped here (an engine without TensorRT-LLM, say) is not evaluated after it.
+                status = f"skip: its build is skipped ({skipped[name]})" if name in skipped else "after build"
                 rows.append((Stage(name=f"eval/{d}/{name}", kind="eval-artifact", version="", params={}, run=None,
-                                   description=f"{name} on {d}"), "-" * 12, "after build"))
+                                   description=f"{name} on {d}"), "-" * 12, status))
     for d in pending:
         rows.append((Stage(name=f"eval/{d}/*", kind="eval", version="", params={}, run=None,
                            description=f"every model on {d}"), "-" * 12, f"skip: device {d!r} is not on this machine; its CI eval job runs them"))
     return rows
+
+
+def _skipped_artifacts(stages) -> dict[str, str]:
+    """Artifact name -> why its build stage will not run here (skipped at plan time, or fed by one that is)."""
+    why: dict[str, str] = {}
+    for s in stages:  # in plan order: inputs come first
+        reason = s.skip_reason or next((why[i] for i in s.inputs.values() if i in why), None)
+        if reason:
+            why[s.name] = reason
+    return {s.artifact.name: why[s.name] for s in stages if s.artifact and s.name in why}
 
 
 def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
@@ -95,6 +110,10 @@ def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None,
 
 
 def _build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
+    return _build_results(loaded, artifacts_dir, targets, log)[0]
+
+
+def _build_results(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log):
     from pipeline.build import build
     from pipeline.cli.tables import print_build_summary, stage_progress
 
@@ -102,7 +121,7 @@ def _build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None,
     with stage_progress() as progress:
         report, results = build(loaded, artifacts_dir, targets, log=log, progress=progress)
     print_build_summary(report, results, report_path(artifacts_dir, loaded.recipe.name))
-    return EXIT_STAGE_FAILED if any(r.status == "failed" for r in results.values()) else EXIT_OK
+    return (EXIT_STAGE_FAILED if any(r.status == "failed" for r in results.values()) else EXIT_OK), results
 
 
 def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log) -> int:
@@ -199,13 +218,19 @@ def run_pull(recipe_path: Path, artifacts_dir: Path, tracking_uri: str | None, l
     return EXIT_OK
 
 
-def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, register: bool, tracking_uri: str | None, log: Log) -> int:
-    """Build, evaluate, register. A failed target does not stop the others: what built is
-    evaluated and registered (the failure is recorded on the build run), and the exit code
-    still says a stage failed."""
+def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, register: bool, tracking_uri: str | None, log: Log,
+            targets: list[str] | None = None) -> int:
+    """Build (every target, or `targets`), evaluate, register. A failed target does not stop the
+    others: what built is evaluated and registered (the failure is recorded on the build run),
+    and the exit code still says a stage failed."""
     loaded = load_recipe(recipe_path)  # once: the checks read the source's config and the calibration text
     rpath = report_path(artifacts_dir, loaded.recipe.name)
-    code = _build(loaded, artifacts_dir, None, log)
+    code, results = _build_results(loaded, artifacts_dir, targets, log)
+    source = results.get("source")
+    if source is not None and source.status == "failed":
+        # Evaluating would run the source stage again (to measure the source) and fail the same way.
+        log(f"the source failed to build ({source.reason}): nothing to evaluate or register")
+        return code
     eval_code = _eval(loaded, recipe_path, artifacts_dir, device, fail_on_gate, log)
     if register:
         _register(rpath, tracking_uri, log)

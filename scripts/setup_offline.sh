@@ -30,4 +30,6 @@ start=$(date +%s)
 cp "$WHEELS"/llama_cpp_python-*.whl "$CACHE/wheels/" 2>/dev/null || true
 echo "[setup_offline] $(ls "$WHEELS"/*.whl | wc -l) wheels installed into $SITE in $(( $(date +%s) - start )) s" >&2
 LLAMA_CPP_SDIST="$SOURCE" bash "$REPO/scripts/build_llama_cpp.sh" "$CACHE" /bin/false >/dev/null
+# The binding is built without llama.cpp: link the build into its package (a plain `import llama_cpp` then works).
+QUANTFORGE_CACHE="$CACHE" PYTHONPATH="$SITE:$REPO" "$PY" -m pipeline.backends.llamacpp link-libraries >&2
 echo "[setup_offline] done in $(( $(date +%s) - start )) s; now: export PYTHONPATH=$SITE:$REPO QUANTFORGE_CACHE=$CACHE" >&2

@@ -4,7 +4,7 @@ No runtime installable here serves a ``quant_method: modelopt`` checkpoint
 (TensorRT-LLM, vLLM and SGLang do), and plain transformers loads it silently
 wrong, so it is refused there. For accuracy against the source, this adapter
 reads the export by ModelOpt's documented layout
-(:func:`pipeline.targets.tensorrt.checkpoint.load_modelopt_dequantized`: FP8 weights x
+(:func:`pipeline.backends.modelopt.load_modelopt_dequantized`: FP8 weights x
 scales with FP8-rounded Linear inputs, INT4-AWQ unpacked x per-group scales),
 which is what a weight-dequantizing kernel computes. Its speed is dense
 compute and says nothing about TensorRT-LLM's kernels: the session says so.
@@ -22,7 +22,7 @@ class ModelOptDequantSession(TransformersSession):
     def __init__(self, path: Path, device: str, threads: int):
         import torch
 
-        from pipeline.targets.tensorrt.checkpoint import load_modelopt_dequantized, read_quant_config
+        from pipeline.backends.modelopt import load_modelopt_dequantized, read_quant_config
 
         torch.set_num_threads(threads)
         self.device = "cpu" if device == "cpu" else "cuda"

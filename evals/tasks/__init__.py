@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 TASKS_DIR = Path(__file__).resolve().parent
-INSTALL_HINT = "lm-evaluation-harness is not installed: `make setup` installs it (or `pip install 'lm-eval==0.4.13'`)"
+INSTALL_HINT = "lm-evaluation-harness is not installed: `make setup` installs it (or `pip install 'quantforge[tasks]'`)"
 
 
 def shipped() -> dict[str, Path]:
@@ -149,8 +149,13 @@ def fingerprint(names: list[str], base_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------ running (in the eval worker)
-def run(lm, include_paths: list[str], tasks: list[str], limit: int | None) -> dict[str, dict[str, Any]]:
-    """Score `lm` on `tasks`: task -> {metric, value, stderr, samples, items: {doc id: 0/1}}."""
+def run(lm, include_paths: list[str], tasks: list[str], limit: int | None,
+        native: dict | None = None) -> dict[str, dict[str, Any]]:
+    """Score `lm` on `tasks`: task -> {metric, value, stderr, samples, items: {doc id: 0/1}}.
+
+    `native`, when given, receives lm-eval's own results block (``results``, ``versions``,
+    ``n-shot``, ``n-samples``, ``higher_is_better``, as its ``--output_path`` JSON holds them), so
+    numbers can sit beside published ones."""
     import logging
     import os
     import random
@@ -175,6 +180,15 @@ def run(lm, include_paths: list[str], tasks: list[str], limit: int | None) -> di
             task_obj.set_config(key="num_fewshot", value=0)
         task_obj.set_fewshot_seed(seed=1234)
     res = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=1000, log_samples=True)
+    if native is not None:
+        import json
+
+        from lm_eval.utils import handle_non_serializable
+
+        keep = {k: res[k] for k in ("results", "groups", "group_subtasks", "versions", "n-shot", "higher_is_better", "n-samples")
+                if k in res}
+        native.update(json.loads(json.dumps(keep, default=handle_non_serializable)))
+        native["config"] = {"model": type(lm).__name__, "limit": limit, "bootstrap_iters": 1000, "lm_eval_version": _lm_eval_version()}
     out: dict[str, dict[str, Any]] = {}
     for task, r in res["results"].items():
         if task not in tasks:
@@ -188,6 +202,15 @@ def run(lm, include_paths: list[str], tasks: list[str], limit: int | None) -> di
                      "samples": len(items), "items": items,
                      **({"perplexity": r["perplexity,none"]} if "perplexity,none" in r else {})}
     return out
+
+
+def _lm_eval_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm-eval")
+    except PackageNotFoundError:
+        return None
 
 
 def hf_lm(model, path: Path):

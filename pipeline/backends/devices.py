@@ -1,6 +1,6 @@
 """Which devices are here, and a fingerprint of each.
 
-Device names (as ``pipeline.backends.devices`` and ``--device`` use them):
+Device names (as ``evals.devices`` and ``--device`` use them):
 
 * ``cpu`` — always present;
 * ``cuda`` — any CUDA GPU;
@@ -21,7 +21,9 @@ import os
 import platform
 import re
 import subprocess
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 # Flags that change which kernels torch/oneDNN and ggml pick; the full flag list also
 # holds things (e.g. vulnerabilities mitigations) that vary between identical hosts.
@@ -58,10 +60,8 @@ def cpu_threads_default() -> int:
 @lru_cache(maxsize=1)
 def cuda_gpus() -> tuple[dict, ...]:
     """Name, memory and compute capability of each CUDA GPU torch sees (empty without torch/CUDA)."""
-    import shutil
-
     # Without an NVIDIA driver there is nothing to find: skip importing torch (seconds) for it.
-    if not (os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi")):
+    if not (os.path.exists("/dev/nvidiactl") or nvidia_gpus()):
         return ()
     try:
         import torch
@@ -101,6 +101,11 @@ def resolve_devices(requested: str, wanted: list[str]) -> tuple[list[str], list[
     """
     from pipeline.errors import InvalidInput
 
+    if requested != "auto":
+        try:
+            Device.parse(requested)
+        except ValueError as exc:
+            raise InvalidInput(f"--device: {exc}") from None
     here = present_devices()
     if requested == "auto":
         now = [d for d in wanted if d in here]
@@ -114,13 +119,39 @@ def resolve_devices(requested: str, wanted: list[str]) -> tuple[list[str], list[
     return [requested], [d for d in wanted if d != requested and d not in here]
 
 
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError, IndexError):
+def nvidia_smi(*args: str, timeout: float = 20) -> str | None:
+    """nvidia-smi's output for these arguments, or None where there is no working one: the one
+    place quantforge asks the NVIDIA driver (it needs no torch, which plan-time checks and
+    llama.cpp's processes must not import)."""
+    import shutil
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
         return None
+    try:
+        proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+@lru_cache(maxsize=1)
+def nvidia_gpus() -> tuple[dict, ...]:
+    """Each NVIDIA GPU the driver lists: name, memory (MiB), compute capability, driver version."""
+    out = nvidia_smi("--query-gpu=name,memory.total,compute_cap,driver_version", "--format=csv,noheader,nounits")
+    gpus = []
+    for line in (out or "").strip().splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) != 4:
+            continue
+        name, mem, cap, driver = parts
+        gpus.append({"name": name, "memory_mib": int(mem) if mem.isdigit() else None, "capability": cap, "driver": driver})
+    return tuple(gpus)
+
+
+def _nvidia_driver() -> str | None:
+    gpus = nvidia_gpus()
+    return gpus[0]["driver"] if gpus else None
 
 
 @lru_cache(maxsize=None)
@@ -158,3 +189,60 @@ def fingerprint(device: str) -> dict:
 def fingerprint_hash(fp: dict) -> str:
     """A short stable hash of a fingerprint (16 hex digits)."""
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Device names as recipes and --device write them: parsing and validation, in one place.
+
+#: NVIDIA GPU classes as :func:`gpu_class` names them (data center, workstation and consumer).
+#: A GPU present on this machine is known too, whatever its class, so a new model needs no edit
+#: here to be evaluated where it is; this table is what a validate job on another machine checks.
+GPU_CLASSES = frozenset({
+    "b100", "b200", "b300", "gb200", "gb300", "gh200", "h100", "h200", "h800", "h20",
+    "a100", "a800", "a40", "a30", "a16", "a10", "a10g", "a2", "l40", "l40s", "l20", "l4", "t4",
+    "v100", "p100", "p40", "p4", "k80", "rtxpro6000",
+    "a6000", "a5000", "a4500", "a4000", "rtx6000", "rtx5000", "rtx4500", "rtx4000",
+    "rtx5090", "rtx5080", "rtx5070", "rtx4090", "rtx4080", "rtx4070", "rtx4060",
+    "rtx3090", "rtx3080", "rtx3070", "rtx3060", "rtx2080", "rtx2070",
+})
+#: Accelerators a user may reasonably name that quantforge does not evaluate on (yet): each
+#: needs eval runtimes and a probe before it can be a device.
+UNSUPPORTED_DEVICES = {
+    "mps": "Apple GPUs (mps) are not supported yet: evaluate on cpu",
+    "rocm": "AMD GPUs (rocm) are not supported yet",
+    "hip": "AMD GPUs (rocm/hip) are not supported yet",
+    "xpu": "Intel GPUs (xpu) are not supported yet",
+    "tpu": "TPUs are not supported: quantforge evaluates on cpu, cuda and NVIDIA GPU classes",
+    "gpu": "name the GPU kind: `cuda` (any NVIDIA GPU) or a GPU class such as h100",
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device name a recipe or ``--device`` may use: ``cpu``, ``cuda`` (any NVIDIA GPU) or a GPU
+    class (``h100``: a CUDA GPU of that class). ``kind`` is the class eval runtimes are chosen by."""
+
+    name: str
+    kind: Literal["cpu", "cuda"]
+
+    @classmethod
+    def parse(cls, name: str) -> "Device":
+        """The device `name` names; ValueError saying why not, with a did-you-mean, otherwise."""
+        import difflib
+
+        n = name.strip().lower() if isinstance(name, str) else name
+        if n == "cpu":
+            return cls("cpu", "cpu")
+        if n == "cuda" or n in GPU_CLASSES:
+            return cls(n, "cuda")
+        if isinstance(n, str) and re.fullmatch(r"cuda:\d+", n):
+            raise ValueError(f"device {name!r}: recipes name device classes, not GPU indices: use 'cuda' "
+                             "(and CUDA_VISIBLE_DEVICES to pick the GPU)")
+        if n in UNSUPPORTED_DEVICES:
+            raise ValueError(f"device {name!r}: {UNSUPPORTED_DEVICES[n]}")
+        if isinstance(n, str) and n in {gpu_class(g["name"]) for g in cuda_gpus()}:
+            return cls(n, "cuda")  # a GPU of a class newer than the table, present here
+        known = ["cpu", "cuda", *sorted(GPU_CLASSES)]
+        close = difflib.get_close_matches(str(n), known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown device {name!r}{hint}: use cpu, cuda, or an NVIDIA GPU class such as h100, a100, l4")

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version as dist_version
 from pathlib import Path
 from typing import Callable, Sequence
@@ -55,15 +53,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "quantforge").expanduser()
 
 
-@lru_cache(maxsize=1)
 def _nvidia_gpu_present() -> bool:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return False
-    try:
-        return subprocess.run([exe, "-L"], capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+    from pipeline.backends.devices import nvidia_gpus
+
+    return bool(nvidia_gpus())
 
 
 def tools_dir() -> Path:
@@ -108,6 +101,68 @@ def binding():
     import llama_cpp
 
     return llama_cpp
+
+
+#: Modules that must never load in a process holding llama.cpp. With a CUDA build, pyarrow (and
+#: pandas, datasets, which import it) aborted such a process with `free(): invalid pointer`
+#: whichever loaded first, and torch after llama.cpp aborted it (both seen on an H200);
+#: transformers imports torch.
+FORBIDDEN_BESIDE = ("torch", "pyarrow", "pandas", "datasets", "transformers")
+
+
+class _Forbid:
+    """A meta-path finder that refuses the modules above: a clear ImportError at the import,
+    instead of a native abort later (a library that imports one of them optionally goes on)."""
+
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in FORBIDDEN_BESIDE:
+            raise ImportError(f"{name} must not be imported in a process that holds llama.cpp "
+                              "(a CUDA build of llama.cpp cannot share a process with it)", name=name)
+        return None
+
+
+def isolate():
+    """Make this process one that holds llama.cpp: load the binding first (numpy loaded before a
+    CUDA build of it segfaulted at model load), then refuse :data:`FORBIDDEN_BESIDE` for the rest
+    of the process. Called first by every process made for llama.cpp, on every build, so that a
+    CPU-only test run fails the same way a CUDA machine would crash."""
+    early = [m for m in (*FORBIDDEN_BESIDE, "numpy") if m in sys.modules]
+    if early:
+        raise RuntimeError(f"{', '.join(early)} already loaded: llama.cpp must be the first library of its process")
+    module = binding()
+    if not any(isinstance(f, _Forbid) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Forbid())
+    return module
+
+
+def loaded_forbidden() -> list[str]:
+    """Which of :data:`FORBIDDEN_BESIDE` this process holds (a check for tests and workers)."""
+    return sorted(m for m in FORBIDDEN_BESIDE if m in sys.modules)
+
+
+def link_libraries() -> Path:
+    """Link this build's shared libraries into the installed binding's own ``lib`` folder, so that
+    a plain ``import llama_cpp`` (a model card's instructions, a user's script) finds them without
+    ``LLAMA_CPP_LIB_PATH``: quantforge builds the binding without a copy of llama.cpp
+    (scripts/build_llama_cpp.sh), and llama-cpp-python looks in its package's ``lib`` folder."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlamaCppMissing(f"llama-cpp-python is not installed: {SETUP_HINT}")
+    src = tools_dir()
+    libs = sorted(src.glob("lib*.so*"))
+    if not any(p.name == "libllama.so" for p in libs):
+        raise LlamaCppMissing(f"llama.cpp's libraries are not in {src}: {SETUP_HINT}")
+    dest = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    dest.mkdir(exist_ok=True)
+    for lib in libs:
+        link = dest / lib.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(lib)
+    return dest
 
 
 def missing(tools: Sequence[str] = (), binding: bool = True) -> str | None:
@@ -249,14 +304,38 @@ def _cmd_decode(path: str, prompt: str, n_tokens: str) -> dict:
     return {"prompt_ids": prompt_ids, "ids": ids, "text": text, "n_vocab": llm.n_vocab()}
 
 
+def _serve(target: str, kwargs_json: str) -> int:
+    """``serve MODULE:CLASS KWARGS_JSON``: the process made for llama.cpp that other processes
+    call over a pipe (:mod:`pipeline.backends.pipe`); CLASS(**KWARGS) is built after isolate()."""
+    import importlib
+
+    from pipeline.backends.pipe import serve
+
+    module, _, attr = target.partition(":")
+    return serve(getattr(importlib.import_module(module), attr)(**json.loads(kwargs_json)))
+
+
+def server(target: str, kwargs: dict, *, stderr=None, what: str):
+    """A client of CLASS(**kwargs) living in a process made for llama.cpp (see :func:`_serve`)."""
+    from pipeline.backends.pipe import Client
+
+    return Client("pipeline.backends.llamacpp", ["serve", target, json.dumps(kwargs)],
+                  env={LIB_ENV: str(tools_dir())}, stderr=stderr, what=what)
+
+
 def main(argv: list[str]) -> int:
     from pipeline.core.proc import die_with_parent
 
     die_with_parent()
-    binding()  # before anything else loads numpy (see binding)
+    if argv[:1] == ["link-libraries"]:
+        print(f"llama.cpp's libraries linked into {link_libraries()}")
+        return 0
+    isolate()  # before anything else loads numpy (see binding)
+    if argv[:1] == ["serve"] and len(argv) == 3:
+        return _serve(argv[1], argv[2])
     commands = {"tokenize": _cmd_tokenize, "decode": _cmd_decode}
     if not argv or argv[0] not in commands:
-        print(f"usage: python -m pipeline.backends.llamacpp {{{','.join(commands)}}} ...", file=sys.stderr)
+        print(f"usage: python -m pipeline.backends.llamacpp {{{','.join(commands)},serve,link-libraries}} ...", file=sys.stderr)
         return 2
     print(json.dumps(commands[argv[0]](*argv[1:])))
     return 0

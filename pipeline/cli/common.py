@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import typer
+from typer.core import TyperArgument, TyperCommand
 
 from pipeline.cli.tables import make_console
 from pipeline.errors import EXIT_INVALID_INPUT, EXIT_STAGE_FAILED, QuantforgeError
@@ -30,6 +31,22 @@ Device = typer.Option(
     help="cpu, cuda, a GPU class the recipe names (h100, ...), or auto: every device of the recipe that is here.",
 )
 Json = typer.Option(False, "--json", help="Print JSON (for scripts and CI summaries) instead of tables.")
+
+
+class ListArgCommand(TyperCommand):
+    """A command whose list arguments show their element type in help (``RECIPE... <path>``):
+    typer prints the Python annotation of a list argument (``<list[Path]>``)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            desc = getattr(p, "type_descriptor", None)
+            if isinstance(p, TyperArgument) and desc is not None and desc.is_list:
+                from typing import get_args
+
+                label = f"<{p._bare_type(get_args(desc.annotation)[0]).lower()}>"
+                p.display_type = p.display_type_rich = lambda ctx, label=label: label
+        return params
 
 
 @contextmanager

@@ -9,7 +9,9 @@ from pipeline.cli import build, eval, plan, pull, register, report, run, schema,
 app = typer.Typer(
     name="quantforge",
     help="Build quantized artifacts from one checkpoint, evaluate them per device, register them in MLflow.\n\n"
-    "Exit codes: 0 ok, 1 a stage failed (or the registry was unreachable), 2 invalid input, 3 a gate failed (with --fail-on-gate).",
+    "Exit codes: 0 ok, 1 a stage failed (or the registry was unreachable), 2 invalid input, 3 a gate failed "
+    "(with --fail-on-gate), 4 the model hub could not be reached (validate: the checks that need the model's "
+    "config.json were skipped, and are named).",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,

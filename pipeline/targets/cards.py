@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,12 @@ MODELOPT_FLAGS = {None: "modelopt", "FP8": "modelopt", "FP8_PER_CHANNEL_PER_TOKE
 def ollama_name(name: str) -> str:
     """A name `ollama create` accepts: lower case, letters, digits, ``._-``."""
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
+
+
+def ollama_model(gguf_file: str) -> str:
+    """The one Ollama name of a GGUF artifact, in its Modelfile, its card and its registry description:
+    the file's own name (llama.cpp's convention), which every one of them knows."""
+    return ollama_name(Path(gguf_file).name.removesuffix(".gguf"))
 
 
 def serve_commands(kind: str, gguf_file: str | None, model: str, folder: str = FOLDER, quant_algo: str | None = None) -> list[str]:
@@ -72,7 +78,7 @@ def serve_commands(kind: str, gguf_file: str | None, model: str, folder: str = F
         elif rt == "llama.cpp":
             out.append(f"llama-server -m {gguf}")
         elif rt == "ollama":
-            name = ollama_name(model)
+            name = ollama_model(gguf_file) if gguf_file else ollama_name(model)
             out.append(f"ollama create {name} -f {folder}/Modelfile && ollama run {name}")
         elif rt == "lm-studio":
             out.append(f"lms import {gguf}")
@@ -92,6 +98,7 @@ class SourceIdentity:
     name: str  # what it is: "SmolLM2-135M-Instruct (HuggingFaceTB)", "org/name", "builtin:tiny-llama-mini"
     revision: str  # exactly which weights, one phrase (markdown)
     upstream: str | None = None  # the hub repository of the original weights, when known
+    license: str | None = None  # the source's license (Hub identifier, e.g. apache-2.0), when known
 
     def sentence(self) -> str:
         """How a card's first paragraph names it (the revision is in its "Source" section)."""
@@ -138,7 +145,7 @@ def identity_from_manifest(manifest: dict, model_dir: Path | str | None = None) 
             types = ", ".join(t for t in (lin.get("tensor_types") or {}) if t not in ("F32", "F16", "BF16"))
             rev += f"; that file is itself quantized ({types}), dequantized to {result.get('dtype') or 'bfloat16'} first"
         return SourceIdentity(name=lin.get("model") or lin.get("upstream") or (Path(file).stem if file else "a GGUF file"),
-                              revision=rev, upstream=lin.get("upstream"))
+                              revision=rev, upstream=lin.get("upstream"), license=lin.get("license"))
     if kind == "source-hub":
         model = params.get("model") or "?"
         commit = params.get("commit") or result.get("revision")
@@ -191,17 +198,40 @@ def source_identity(source: Any) -> SourceIdentity:
         model_dir = Path(source)
         manifest = _store_manifest(model_dir)
     if manifest:
-        return identity_from_manifest(manifest, model_dir)
-    m = _HF_CACHE.search(str(Path(model_dir).resolve())) if model_dir else None
-    if m:
-        repo = f"{m['org']}/{m['name']}"
-        return SourceIdentity(name=repo, revision=f"commit `{m['commit']}`", upstream=repo)
-    return SourceIdentity(name=Path(model_dir).name if model_dir else "?", revision="a local folder (no revision recorded)")
+        ident = identity_from_manifest(manifest, model_dir)
+    else:
+        m = _HF_CACHE.search(str(Path(model_dir).resolve())) if model_dir else None
+        if m:
+            repo = f"{m['org']}/{m['name']}"
+            ident = SourceIdentity(name=repo, revision=f"commit `{m['commit']}`", upstream=repo)
+        else:
+            ident = SourceIdentity(name=Path(model_dir).name if model_dir else "?", revision="a local folder (no revision recorded)")
+    if ident.license is None and model_dir is not None:
+        ident = replace(ident, license=card_license(Path(model_dir)))
+    return ident
+
+
+def card_license(folder: Path) -> str | None:
+    """The license in a model folder's own card (README.md front matter, as the Hub writes it)."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        value = (metadata_load(readme) or {}).get("license")
+    except Exception:  # noqa: BLE001 - a card whose front matter does not parse names no license
+        return None
+    return value if isinstance(value, str) else None
 
 
 def identity_from_gguf_metadata(meta: dict) -> SourceIdentity:
     """The source of a GGUF quantforge wrote, from the keys its converter stage put in the file
     (``quantforge.source``, ``quantforge.source_revision``, ``general.source.huggingface.repository``)."""
+    return replace(_identity_from_gguf_metadata(meta), license=meta.get("general.license"))
+
+
+def _identity_from_gguf_metadata(meta: dict) -> SourceIdentity:
     src = str(meta.get("quantforge.source") or meta.get("general.name") or "?")
     rev = meta.get("quantforge.source_revision")
     upstream = meta.get("general.source.huggingface.repository")
@@ -252,3 +282,74 @@ def usage_sections(kind: str, *, gguf_file: str | None = None, model: str = "mod
     if notes:
         lines += ["", *notes]
     return lines
+
+
+# ------------------------------------------------------------------ Hub cards
+def card_data(source: SourceIdentity, *, tags: list[str] | tuple[str, ...], library_name: str | None = None,
+              license: str | None = None, measured: dict | None = None):
+    """The card's front matter as huggingface_hub's ``ModelCardData``: what the Hub reads to file the model
+    (license, the base model it quantizes, the task, tags) plus, when an evaluation has been run,
+    ``quantforge`` with the measured numbers (:func:`measured_numbers`)."""
+    from huggingface_hub import ModelCardData
+
+    extra = {"quantforge": measured} if measured else {}
+    return ModelCardData(
+        license=license or source.license,
+        base_model=source.upstream,
+        base_model_relation="quantized" if source.upstream else None,
+        pipeline_tag="text-generation",
+        library_name=library_name,
+        tags=sorted({"quantforge", *(t for t in tags if t)}),
+        **extra,
+    )
+
+
+def hub_card(data, body: list[str] | str) -> str:
+    """A model card (README.md text) through huggingface_hub's ``ModelCard``: its YAML front matter from `data`,
+    then the markdown `body`. Parsed back by ModelCard, so a card that does not load on the Hub is never written."""
+    from huggingface_hub import ModelCard
+
+    text = body if isinstance(body, str) else "\n".join(body)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text.lstrip()}")
+    return str(card).rstrip("\n") + "\n"
+
+
+def measured_numbers(artifact: Any) -> dict:
+    """The numbers a report has for one artifact (a ``pipeline.core.report.ArtifactReport`` or its dict), as
+    front matter: bits per weight (``bpw_linear``/``bpw_model`` where the report has them) and, per device,
+    the runtime, perplexity change from the source and KL divergence, where they were measured."""
+    def field(obj, key):  # a report model (extra fields allowed) or its JSON
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    out: dict[str, Any] = {}
+    for key in ("bpw_linear", "bpw_model"):
+        value = field(artifact, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = round(float(value), 3)
+    evals = field(artifact, "evals") or {}
+    devices = {}
+    for device, ev in sorted(evals.items()):
+        ev = ev if isinstance(ev, dict) else ev.model_dump()
+        if ev.get("status") != "done":
+            continue
+        m = ev.get("metrics") or {}
+        row = {k: round(float(m[k]), 5) for k in ("delta_ppl_pct", "kl_mean", "kl_p99", "top1_agreement_pct", "perplexity")
+               if isinstance(m.get(k), (int, float))}
+        if row:
+            devices[device] = {"runtime": ev.get("runtime"), **row}
+    if devices:
+        out["measured_against_source"] = devices
+    return out
+
+
+def with_measurements(card_text: str, artifact: Any) -> str:
+    """A built card with the report's measured numbers for `artifact` added to its front matter
+    (for publishing after evaluation; the card built with the artifact has none: it is shared by every
+    recipe that builds the same thing)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(card_text)
+    numbers = measured_numbers(artifact)
+    if numbers:
+        card.data.quantforge = numbers
+    return str(card).rstrip("\n") + "\n"

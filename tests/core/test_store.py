@@ -142,3 +142,23 @@ def test_concurrent_builds_of_one_stage_run_it_once(tmp_path):
     statuses = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert statuses == ["built", "hit"]
     assert (tmp_path / "runs.log").read_text().count("run") == 1
+
+
+def test_a_file_is_hashed_once_per_process_until_it_changes(tmp_path):
+    """One digest per file and state: read again only after a write, even one that puts the
+    modification time back (the tamper check must still see it)."""
+    import os
+
+    from pipeline.core.store import HASHED, sha256_file
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 4096)
+    before = dict(HASHED)
+    first = sha256_file(f)
+    assert sha256_file(f) == first
+    assert HASHED["files"] - before["files"] == 1 and HASHED["cached"] - before["cached"] == 1
+    st = os.stat(f)
+    f.write_bytes(b"b" * 4096)  # same size
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same modification time
+    assert sha256_file(f) != first
+    assert HASHED["files"] - before["files"] == 2

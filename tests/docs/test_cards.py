@@ -33,11 +33,20 @@ def store_output(artifact_folder: Path, input_name: str) -> StageOutput:
     return output(folder)
 
 
+def front_matter(card: str) -> dict:
+    """The card's metadata as the Hub reads it (huggingface_hub parses and validates it)."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard(card, ignore_metadata_errors=False).data.to_dict()
+
+
 def test_serve_commands_per_format():
     assert serve_commands("gptq", None, "demo-w4") == ["vllm serve DIR", "python -m sglang.launch_server --model-path DIR", CT]
-    assert serve_commands("gguf", "m-Q4_K_M.gguf", "Demo-gguf-Q4_K_M") == [
-        "llama-server -m DIR/m-Q4_K_M.gguf", "ollama create demo-gguf-q4_k_m -f DIR/Modelfile && ollama run demo-gguf-q4_k_m",
-        "lms import DIR/m-Q4_K_M.gguf"]
+    # Ollama's name is the GGUF's own (what the Modelfile and the build-time card say), whatever the registry's.
+    assert serve_commands("gguf", "SmolLM2-135M-Instruct-Q4_K_M.gguf", "Demo-gguf-Q4_K_M") == [
+        "llama-server -m DIR/SmolLM2-135M-Instruct-Q4_K_M.gguf",
+        "ollama create smollm2-135m-instruct-q4_k_m -f DIR/Modelfile && ollama run smollm2-135m-instruct-q4_k_m",
+        "lms import DIR/SmolLM2-135M-Instruct-Q4_K_M.gguf"]
     assert serve_commands("tensorrt-checkpoint", None, "x") == [
         "trtllm-serve DIR --backend pytorch", "vllm serve DIR --quantization modelopt",
         "python -m sglang.launch_server --model-path DIR --quantization modelopt"]
@@ -83,6 +92,9 @@ def test_compressed_card_from_a_real_build(real_report):  # noqa: F811
     quant_config = json.loads((folder / "config.json").read_text())["quantization_config"]
     card = model_card(target, "LlamaForCausalLM", manifest["params"]["dtype"], card_source(store_output(folder, "source")), quant_config)
     assert "\n# builtin:tiny-llama-mini: FP8 dynamic\n" in card
+    data = front_matter(card)
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert {"compressed-tensors", "llm-compressor", "fp8"} <= set(data["tags"])
     assert "## Source\n- model: `builtin:tiny-llama-mini`\n- revision: trained by quantforge" in card
     assert "mlflow artifacts download --artifact-uri models:/MODEL@production -d DIR" in card
     assert f"```bash\nvllm serve DIR\npython -m sglang.launch_server --model-path DIR\n{CT}\n```" in card
@@ -98,7 +110,11 @@ def test_gguf_card_from_a_real_build(real_report):  # noqa: F811
     base = store_output(folder, "base").result
     card = readme_text(quant.result["file"], "Q8_0", quant.manifest["params"], base, imatrix=False)
     file = quant.result["file"]
-    assert card.startswith("# builtin:tiny-llama-mini: GGUF Q8_0\n")
+    assert "\n# builtin:tiny-llama-mini: GGUF Q8_0\n" in card
+    data = front_matter(card)
+    # No license: the recipe names none and the model was trained here (a card never invents one).
+    assert data["library_name"] == "gguf" and data["pipeline_tag"] == "text-generation" and "license" not in data
+    assert {"gguf", "q8_0", "quantforge"} <= set(data["tags"]) and "base_model" not in data  # trained here: no Hub base
     assert f"```bash\nllama-server -m DIR/{file}\n" in card
     assert f"ollama create {file.removesuffix('.gguf').lower()} -f DIR/Modelfile && ollama run" in card
     assert f"lms import DIR/{file}\n```" in card and "mlflow artifacts download" in card
@@ -117,10 +133,28 @@ def test_modelopt_card_is_titled_by_the_source(mini_model, tmp_path, algo, vllm)
     write_model_card(out, quant=algo.lower(), kv_cache_quant=None, source=str(mini_model),
                      facts={"modelopt_config": "X_CFG", "calibration_shape": [8, 128], "verification": {"quantized_linears": 14}})
     card = (out / "README.md").read_text()
-    assert card.startswith(f"# builtin:tiny-llama-mini: NVIDIA ModelOpt {algo} checkpoint\n")
+    assert f"\n# builtin:tiny-llama-mini: NVIDIA ModelOpt {algo} checkpoint\n" in card
+    data = front_matter(card)
+    assert data["pipeline_tag"] == "text-generation" and {"modelopt", algo.lower(), "quantforge"} <= set(data["tags"])
     assert str(Path(mini_model).parent) not in card and Path(mini_model).name not in card
     assert "trtllm-serve DIR --backend pytorch\n" in card
     if vllm:
         assert f"vllm serve DIR --quantization {vllm}\n" in card and f"--model-path DIR --quantization {vllm}\n" in card
     else:
         assert "vllm serve" not in card and f"vLLM and SGLang do not list ModelOpt {algo}" in card
+
+
+def test_measured_numbers_go_into_the_front_matter(real_report):  # noqa: F811
+    """A real report's numbers for an artifact, added to its built card's front matter (Hub-parsed)."""
+    from pipeline.targets.cards import with_measurements
+
+    a = real_report.artifact("gguf-Q8_0")
+    built = (Path(a.path) / "README.md").read_text()
+    data = front_matter(with_measurements(built, a))["quantforge"]
+    cpu, m = data["measured_against_source"]["cpu"], a.evals["cpu"].metrics
+    assert cpu["runtime"] == a.evals["cpu"].runtime
+    assert cpu["delta_ppl_pct"] == pytest.approx(m.delta_ppl_pct, abs=1e-4) and cpu["kl_mean"] == pytest.approx(m.kl_mean, abs=1e-5)
+    # Bits per weight where the report's artifact entry has them (fields another version of the report adds).
+    with_bpw = a.model_copy(update={"bpw_linear": 8.5, "bpw_model": 8.53125})
+    assert front_matter(with_measurements(built, with_bpw))["quantforge"]["bpw_model"] == pytest.approx(8.531, abs=1e-3)
+    assert "bpw_model" not in data or getattr(a, "bpw_model", None) is not None

@@ -56,9 +56,10 @@ def test_different_tokenization_is_refused(f32_gguf, reference, heldout_text):
     assert "tokenizes the suite text differently" in res["reason"] and "token 10" in res["reason"]
 
 
-def test_gguf_worker_never_loads_torch(f32_gguf, reference, heldout_text, tmp_path):
-    """A GGUF eval worker measures speed, accuracy and tasks with llama.cpp alone: a CUDA build of
-    llama.cpp aborted in a process that loaded torch after it, so torch must stay out."""
+def test_gguf_worker_keeps_llama_cpp_alone(f32_gguf, reference, heldout_text, tmp_path):
+    """A GGUF eval worker measures speed, accuracy and tasks, and no process holding llama.cpp
+    ever loads torch, transformers, pyarrow, pandas or datasets: a CUDA build of llama.cpp
+    aborted beside each of them (H200). Tasks run lm-eval in a child, the model in a scorer."""
     import json
     import subprocess
     import sys
@@ -75,12 +76,36 @@ def test_gguf_worker_never_loads_torch(f32_gguf, reference, heldout_text, tmp_pa
                         "bos": ref["bos_id"], "reference": str(d / "reference.npz")},
            "tasks": {"names": ["kjv_word4"], "limit": 8, "include": [str(TASKS_DIR)]}}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    probe = ("import json, sys\nfrom evals import worker\nrc = worker.main(sys.argv[1:])\n"
-             "print(json.dumps([m for m in ('torch', 'transformers') if m in sys.modules]))\nsys.exit(rc)\n")
-    proc = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "job.json"), str(tmp_path / "out.json")],
+    proc = subprocess.run([sys.executable, "-m", "evals.worker", str(tmp_path / "job.json"), str(tmp_path / "out.json")],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads((tmp_path / "out.json").read_text())
     assert {part: out[part]["status"] for part in ("speed", "accuracy", "tasks")} == dict.fromkeys(("speed", "accuracy", "tasks"), "done"), out
     assert out["accuracy"]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3)
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert out["modules_beside_llama_cpp"] == []  # the worker: speed and accuracy
+    assert out["tasks"]["modules_beside_llama_cpp"] == []  # the scorer that served lm-eval
+    assert out["tasks"]["scores"]["kjv_word4"]["samples"] == 8
+    native = out["tasks"]["lm_eval"]  # lm-eval's own results block, written beside report.json by the eval
+    assert native["results"]["kjv_word4"]["acc,none"] == out["tasks"]["scores"]["kjv_word4"]["value"]
+    assert native["n-samples"]["kjv_word4"]["effective"] == 8
+
+
+def test_a_process_holding_llama_cpp_refuses_what_cannot_share_it():
+    """The guard behind the test above: after isolate(), importing pyarrow (or torch, pandas,
+    datasets, transformers) is an ImportError that says why, and loading llama.cpp after numpy
+    is refused before it could crash."""
+    import subprocess
+    import sys
+
+    probe = ("from pipeline.backends.llamacpp import isolate\nisolate()\n"
+             "for m in ('pyarrow', 'pandas', 'datasets', 'torch', 'transformers'):\n"
+             "    try:\n        __import__(m)\n    except ImportError as e:\n        print(m, 'refused:', e)\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    refused = [line.split()[0] for line in proc.stdout.splitlines() if "refused: " in line]
+    assert refused == ["pyarrow", "pandas", "datasets", "torch", "transformers"], proc.stdout
+    assert "cannot share a process with it" in proc.stdout
+    late = subprocess.run([sys.executable, "-c", "import numpy\nfrom pipeline.backends.llamacpp import isolate\nisolate()"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert late.returncode != 0 and "numpy already loaded: llama.cpp must be the first library" in late.stderr

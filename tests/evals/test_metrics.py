@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,7 +148,53 @@ def test_device_resolution_records_absent_devices_as_pending():
     assert gpu_class("NVIDIA H200") == "h200"
     here = present_devices()
     assert "cpu" in here
-    now, pending = resolve_devices("auto", ["cpu", "h9000"])
-    assert now == ["cpu"] and pending == ["h9000"]
+    absent = "gb300" if "gb300" not in here else "b100"  # known GPU classes, absent here
+    now, pending = resolve_devices("auto", ["cpu", absent])
+    assert now == ["cpu"] and pending == [absent]
     with pytest.raises(InvalidInput, match="not present"):
-        resolve_devices("h9000", ["cpu", "h9000"])
+        resolve_devices(absent, ["cpu", absent])
+    with pytest.raises(InvalidInput, match="h9000"):  # not a device name at all
+        resolve_devices("h9000", ["cpu"])
+
+
+def test_the_decode_ceiling_counts_the_stored_weights_a_token_reads(mini_model):
+    """bandwidth / stored bytes per token: every stored tensor but the embedding table, which a
+    token reads one row of, unless the model has no output matrix of its own (then it is that)."""
+    from safetensors import safe_open
+
+    from evals.roofline import roofline, stored_bytes_per_token
+
+    sizes = {}
+    for f in Path(mini_model).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                sizes[name] = t.numel() * t.element_size()
+    embedding = sum(n for k, n in sizes.items() if k.endswith("embed_tokens.weight"))
+    tied = not any(k.endswith("lm_head.weight") for k in sizes)
+    expected = sum(sizes.values()) - (0 if tied else embedding)
+    assert stored_bytes_per_token(Path(mini_model)) == expected
+    r = roofline(None, expected, 100.0)
+    assert r["bound_tps"] == pytest.approx(100e9 / expected, rel=1e-3) and "pct" not in r
+    assert roofline(r["bound_tps"] / 2, expected, 100.0)["pct"] == pytest.approx(50.0, abs=0.1)
+
+
+def test_the_accelerator_probe_answers_once_without_torch():
+    """One probe asks the NVIDIA driver (nvidia-smi, no torch): what it lists is what llama.cpp's build
+    choice and the TensorRT engine checks see; without a driver it lists nothing, and nothing breaks."""
+    import shutil
+    import subprocess
+    import sys
+
+    from pipeline.backends import devices, llamacpp
+
+    gpus = devices.nvidia_gpus()
+    assert llamacpp._nvidia_gpu_present() == bool(gpus)
+    if shutil.which("nvidia-smi") is None:
+        assert gpus == () and devices.nvidia_smi("-L") is None
+    else:
+        assert all(g["name"] and g["capability"] for g in gpus)
+    code = "import sys\nfrom pipeline.backends import devices\ndevices.nvidia_gpus()\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False", out.stderr

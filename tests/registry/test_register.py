@@ -87,7 +87,7 @@ def test_registration_matches_the_real_report_and_is_idempotent(store_dir, repor
         # The description: how to download and serve it, and what was measured; no local paths.
         d = v.description
         assert f"mlflow artifacts download --artifact-uri models:/{name}/1 -d DIR" in d and f"models:/{name}@production" in d
-        serve = [f"llama-server -m DIR/{next(Path(a.path).glob('*.gguf')).name}", f"ollama create {name.lower()} -f DIR/Modelfile"] if a.kind == "gguf" else ["vllm serve DIR", "python -m sglang.launch_server --model-path DIR"]
+        serve = [f"llama-server -m DIR/{next(Path(a.path).glob('*.gguf')).name}", f"ollama create {next(Path(a.path).glob('*.gguf')).stem.lower()} -f DIR/Modelfile"] if a.kind == "gguf" else ["vllm serve DIR", "python -m sglang.launch_server --model-path DIR"]
         assert all(s in d for s in serve), d
         assert f"| `cpu` | {a.evals['cpu'].runtime}" in d and "Gates: **passed on every required device**" in d
         assert str(REPO) not in d and "/tmp" not in d and "Filled in" not in d

@@ -71,6 +71,6 @@ def test_serve_commands_follow_the_formats_declared_runtimes():
     assert serve_commands("tensorrt-checkpoint", None, "demo-trt-fp8") == [
         "trtllm-serve DIR --backend pytorch", "vllm serve DIR --quantization modelopt", "python -m sglang.launch_server --model-path DIR --quantization modelopt"]
     assert serve_commands("gguf", "demo-Q4_K_M.gguf", "demo-gguf-Q4_K_M") == [
-        "llama-server -m DIR/demo-Q4_K_M.gguf", "ollama create demo-gguf-q4_k_m -f DIR/Modelfile && ollama run demo-gguf-q4_k_m",
+        "llama-server -m DIR/demo-Q4_K_M.gguf", "ollama create demo-q4_k_m -f DIR/Modelfile && ollama run demo-q4_k_m",
         "lms import DIR/demo-Q4_K_M.gguf"]
     assert serve_commands("tensorrt-engine", None, "x") == ["trtllm-serve DIR --backend tensorrt --tokenizer DIR"]

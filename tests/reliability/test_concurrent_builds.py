@@ -26,7 +26,7 @@ def test_two_builds_of_one_recipe_at_once(tmp_path, mini_model):
     outputs = [log.read_text(errors="replace") for log in logs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
 
-    runs = {s: sum(o.count(f"[{s}] running") for o in outputs) for s in STAGES}
+    runs = {s: sum(o.count(f"[{s}] done in") for o in outputs) for s in STAGES}
     assert runs == {s: 1 for s in STAGES}, f"each stage runs in exactly one of the two processes: {runs}"
     totals = [re.search(r"stages: (.*?)\s+report:", o).group(1) for o in outputs]
     built = sum(int(m) for t in totals for m in re.findall(r"(\d+) built", t))

@@ -65,7 +65,7 @@ def test_altered_artifact_is_caught_before_eval_and_register_then_rebuilt(tmp_pa
     rebuilt = invoke("build", recipe, "--artifacts-dir", artifacts)
     assert rebuilt.exit_code == 0, rebuilt.output
     assert "[fp8/quantize] the stored files changed since they were built" in rebuilt.output
-    assert "[fp8/quantize] running" in rebuilt.output and "[gguf/quantize/Q8_0] running" not in rebuilt.output
+    assert "[fp8/quantize] done in" in rebuilt.output and "[gguf/quantize/Q8_0] done in" not in rebuilt.output
     check_store(artifacts)
     check_report(artifacts)
 

@@ -149,6 +149,9 @@ def test_real_model_formats_differ_and_the_gates_reject_what_they_should(smollm2
     word4 = rep.baseline["cpu"].tasks["kjv_word4"]
     assert word4.samples == 40 and word4.value > 0.5
     assert q3.evals["cpu"].tasks["kjv_word4"].delta_stderr is not None
+    # lm-eval's own results JSON per model beside report.json, with the same numbers.
+    native = json.loads((report_path(artifacts, "smol").parent / "lm_eval" / "cpu" / "source.json").read_text())
+    assert native["results"]["kjv_word4"]["acc,none"] == word4.value
     convert = next(s for s in rep.stages if s.name == "gguf/convert")
     assert convert.status == "built"
     # The converter recognised SmolLM's tokenizer (no override needed) and kept its merges.
@@ -157,3 +160,12 @@ def test_real_model_formats_differ_and_the_gates_reject_what_they_should(smollm2
     meta = read_gguf(next(Path(q8.path).glob("*.gguf")))["metadata"]
     assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.model"] == "gpt2"
     assert meta["tokenizer.ggml.eos_token_id"] == 2
+    # llama.cpp's file name, a Modelfile with the chat template and its default system prompt, a Hub-ready card.
+    assert Path(q8.path, "SmolLM2-135M-Instruct-Q8_0.gguf").is_file()
+    modelfile = Path(q8.path, "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+    assert "<|im_start|>" in modelfile and "ollama create smollm2-135m-instruct-q8_0 -f Modelfile" in modelfile
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(Path(q8.path, "README.md").read_text(), ignore_metadata_errors=False).data
+    assert (card.license, card.base_model, card.pipeline_tag) == ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct", "text-generation")

@@ -35,7 +35,7 @@ def recipe_text(model_dir: Path, targets: str = TARGETS, dtype: str = "bfloat16"
 
 
 def plan_for(path: Path, artifacts: Path):
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.validation import load_recipe
 
     return make_plan(load_recipe(path), artifacts)

@@ -108,7 +108,7 @@ evals: {{devices: [cpu], context: 128}}
 
 
 def _plan(write_recipe, targets: str, tmp_path):
-    from pipeline.core.plan import make_plan
+    from pipeline.plan import make_plan
     from pipeline.validation import load_recipe
 
     return make_plan(load_recipe(write_recipe(RECIPE.format(targets=targets))), tmp_path / "artifacts")
@@ -181,7 +181,10 @@ def test_fp8_checkpoint_verified(fp8_checkpoint, mini_model):
     card = (out / "README.md").read_text()
     assert (out / "tokenizer.json").is_file() and "quantization=\"modelopt\"" in card
     # Titled by the source model's name, no local path; serve commands for each runtime that loads it.
-    assert card.startswith("# builtin:tiny-llama-mini: NVIDIA ModelOpt FP8 checkpoint") and str(Path(mini_model).parent) not in card
+    assert "\n# builtin:tiny-llama-mini: NVIDIA ModelOpt FP8 checkpoint" in card and str(Path(mini_model).parent) not in card
+    from huggingface_hub import ModelCard  # Hub-ready front matter
+
+    assert ModelCard(card, ignore_metadata_errors=False).data.pipeline_tag == "text-generation"
     assert "trtllm-serve DIR --backend pytorch\n" in card and "vllm serve DIR --quantization modelopt\n" in card
     assert "python -m sglang.launch_server --model-path DIR --quantization modelopt\n" in card
     print("fp8", json.dumps(v))
@@ -223,7 +226,7 @@ def test_verification_catches_a_wrong_scale(fp8_checkpoint, mini_model, tmp_path
 
 
 def test_plain_transformers_is_refused(fp8_checkpoint, mini_model):
-    from pipeline.targets.tensorrt.checkpoint import ModelOptCheckpointRefused, refuse_plain_transformers
+    from pipeline.backends.modelopt import ModelOptCheckpointRefused, refuse_plain_transformers
 
     out, _ = fp8_checkpoint
     with pytest.raises(ModelOptCheckpointRefused, match="vLLM") as exc:

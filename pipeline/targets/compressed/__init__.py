@@ -166,8 +166,8 @@ _LIBS = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 _PLANNER = "pipeline.targets.compressed.stages:plan_compressed_stage"
 
 GPTQ = KindDeclaration(kind="gptq", settings=GptqTarget, planner=_PLANNER, summary="GPTQ W4A16/W8A16 (compressed-tensors)",
-                       formats=(_format("gptq"),), ci_runner="gpu", libraries=_LIBS)
+                       formats=(_format("gptq"),), ci_runner="gpu", libraries=_LIBS, requires=_LIBS[:2], extra="llmc")
 AWQ = KindDeclaration(kind="awq", settings=AwqTarget, planner=_PLANNER, summary="AWQ W4A16 (compressed-tensors)",
-                      formats=(_format("awq"),), ci_runner="gpu", libraries=_LIBS)
+                      formats=(_format("awq"),), ci_runner="gpu", libraries=_LIBS, requires=_LIBS[:2], extra="llmc")
 FP8 = KindDeclaration(kind="fp8", settings=Fp8Target, planner=_PLANNER, summary="FP8 W8A8 (compressed-tensors)",
-                      formats=(_format("fp8"),), ci_runner="gpu", libraries=_LIBS)
+                      formats=(_format("fp8"),), ci_runner="gpu", libraries=_LIBS, requires=_LIBS[:2], extra="llmc")

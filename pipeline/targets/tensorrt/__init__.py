@@ -64,4 +64,6 @@ TENSORRT = KindDeclaration(
     ),
     ci_runner="gpu",
     libraries=("nvidia-modelopt", "tensorrt-llm"),
+    requires=("nvidia-modelopt",),  # tensorrt-llm only for engines, whose stage is skipped without it
+    extra="tensorrt",
 )

@@ -41,7 +41,7 @@ from pathlib import Path
 from pipeline.errors import InvalidInput, StageFailed
 from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 
-CHECKPOINT_VERSION = "2"
+CHECKPOINT_VERSION = "3"
 TRTLLM_CHECKPOINT_VERSION = "2"
 ENGINE_VERSION = "1"
 MODELOPT_TOOLS = ("nvidia-modelopt", "torch", "transformers", "safetensors")
@@ -53,23 +53,16 @@ BITS = {"fp8": 8, "int4_awq": 4, "nvfp4": 4, "none": None}
 # --------------------------------------------------------------- environment probes
 @functools.lru_cache(maxsize=1)
 def detect_gpus() -> tuple[tuple[str, tuple[int, int]], ...]:
-    """(name, compute capability) per NVIDIA GPU, via nvidia-smi (no torch import at plan time)."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return ()
-    try:
-        out = subprocess.run([exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ()
+    """(name, compute capability) per NVIDIA GPU, from the accelerator probe (no torch import at plan time)."""
+    from pipeline.backends.devices import nvidia_gpus
+
     gpus = []
-    for line in out.strip().splitlines():
-        name, _, cap = line.rpartition(",")
+    for g in nvidia_gpus():
         try:
-            major, minor = (int(x) for x in cap.strip().split("."))
+            major, minor = (int(x) for x in g["capability"].split("."))
         except ValueError:
             continue
-        gpus.append((name.strip(), (major, minor)))
+        gpus.append((g["name"], (major, minor)))
     return tuple(gpus)
 
 
