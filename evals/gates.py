@@ -9,7 +9,17 @@ device's flat metrics (:class:`pipeline.core.report.Metrics`):
 * ``kl_p99``              <= ``max_kl_p99``
 * ``top1_agreement_pct``  >= ``min_top1_agreement_pct``
 * ``task_recovery_pct``   >= ``min_task_accuracy_recovery_pct`` (task accuracy / the source's, %)
-* ``decode_speedup``      >= ``min_decode_speedup`` (artifact / source decode tok/s, batch 1)
+* ``decode_speedup``      >= ``min_decode_speedup`` (artifact / source decode tok/s, batch 1),
+  compared **within one runtime** only: the source runs in transformers, so a GGUF in
+  llama.cpp has no speed-up to compare (llama.cpp against transformers would pass every
+  GGUF and fail every dequantized checkpoint, whatever the format costs). Such a check
+  is recorded as not comparable and leaves the gate ``unverified`` on that device.
+
+Where a measure has a standard error (Δppl and mean KL, from the per-token values as
+``llama-perplexity`` computes them), each check also says whether its verdict is
+``clear``: the threshold lies outside value ± :data:`GATE_Z` standard errors, so the
+verdict would very likely hold on more text; otherwise it is *marginal* (``clear`` is
+False), and the table marks the gate with ``~``.
 
 ``status`` is ``passed``; ``failed`` as soon as any check fails; ``pending``
 when nothing failed but a required device has no results yet (another CI job
@@ -22,6 +32,11 @@ be promoted, neither is a gate failure.
 from __future__ import annotations
 
 from pipeline.core.report import EvalEntry, GateCheck, GateResult
+
+#: standard errors between a value and its threshold for a verdict to count as clear (about 95 %)
+GATE_Z = 2.0
+#: Metrics field -> the field holding its standard error
+ERRORS = {"delta_ppl_pct": "delta_ppl_pct_err", "kl_mean": "kl_mean_err"}
 
 CHECKS = (
     # check name, GateThresholds field, Metrics field, direction
@@ -52,13 +67,21 @@ def evaluate_gates(spec, required_devices: list[str], evals: dict[str, EvalEntry
         for name, field, key, direction in active:
             threshold = getattr(spec, field)
             value = getattr(ev.metrics, key, None)
+            if key == "decode_speedup" and value is None and ev.speedup_basis and ev.speedup_basis.startswith("not comparable"):
+                unverified.append(device)
+                checks.append(GateCheck(name=name, device=device, threshold=threshold, passed=False, comparable=False,
+                                        reason=ev.speedup_basis))
+                continue
             if value is None:
                 why = ev.reason or f"no {key} measured on {device}"
                 checks.append(GateCheck(name=name, device=device, threshold=threshold, passed=False, reason=why))
                 continue
             ok = value <= threshold if direction == "max" else value >= threshold
-            checks.append(GateCheck(name=name, device=device, value=round(float(value), 6), threshold=threshold, passed=bool(ok)))
-    failed = any(not c.passed and c.name != "evaluated" for c in checks)
+            err = getattr(ev.metrics, ERRORS[key], None) if key in ERRORS else None
+            clear = None if err is None else bool(abs(float(value) - threshold) > GATE_Z * err)
+            checks.append(GateCheck(name=name, device=device, value=round(float(value), 6), threshold=threshold, passed=bool(ok),
+                                    err=None if err is None else round(float(err), 6), clear=clear))
+    failed = any(not c.passed and c.name != "evaluated" and c.comparable is not False for c in checks)
     if failed:
         status = "failed"
     elif pending:
@@ -71,13 +94,76 @@ def evaluate_gates(spec, required_devices: list[str], evals: dict[str, EvalEntry
                       pending_devices=pending, required_devices=list(required_devices))
 
 
+def marginal(gates: GateResult | None, device: str | None = None) -> list[GateCheck]:
+    """Checks (on `device`, or any) whose threshold lies within GATE_Z standard errors of the value."""
+    if gates is None:
+        return []
+    return [c for c in gates.checks if c.clear is False and (device is None or c.device == device)]
+
+
+def describe_check(c: GateCheck) -> str:
+    """'kl_mean 0.0464 ± 0.0021 <= 0.1 on cpu: passed, clear of the threshold'"""
+    op = {True: "<=", False: ">"} if any(n == c.name and d == "max" for n, _, _, d in CHECKS) else {True: ">=", False: "<"}
+    if c.value is None:
+        return f"{c.name} not measured on {c.device}"
+    err = f" ± {c.err:.3g}" if c.err is not None else ""
+    verdict = "passed" if c.passed else "failed"
+    how = {True: f", clear of the threshold (> {GATE_Z:g} s.e.)", False: f", within {GATE_Z:g} s.e. of the threshold (marginal)"}.get(c.clear, "")
+    return f"{c.name} {c.value:.4g}{err} {op[c.passed]} {c.threshold:g} on {c.device}: {verdict}{how}"
+
+
+def derive_metrics(report) -> None:
+    """Fill the Metrics fields that come from elsewhere in the report (in place): the standard errors
+    of Δppl and mean KL from the raw accuracy record, and each artifact's bits per weight. The eval
+    job and registration both judge through here, so gates, tables and MLflow see the same values."""
+    def fill(ev: EvalEntry, bpw_linear, bpw_model) -> None:
+        m, acc = ev.metrics, ev.accuracy or {}
+        if m.delta_ppl_pct_err is None and acc.get("ppl_ratio_err") is not None and m.delta_ppl_pct is not None:
+            # delta_ppl_pct = 100 (ppl_ratio - 1): the same error, in points of %
+            m.delta_ppl_pct_err = 100.0 * float(acc["ppl_ratio_err"])
+        if m.kl_mean_err is None and acc.get("kl_mean_err") is not None and m.kl_mean is not None:
+            m.kl_mean_err = float(acc["kl_mean_err"])
+        m.bpw_linear, m.bpw_model = bpw_linear, bpw_model
+
+    def speed_basis(ev: EvalEntry, base: EvalEntry | None) -> None:
+        mine = ev.speed_runtime or ev.runtime
+        theirs = (base.speed_runtime or base.runtime) if base is not None else None
+        if ev.metrics.decode_tps is None or theirs is None:
+            return
+        if mine == theirs:
+            ev.speedup_basis = f"within {runtime_label(mine)}"
+        else:
+            ev.metrics.decode_speedup = None
+            ev.speedup_basis = (f"not comparable: measured in {runtime_label(mine)}, the source in {runtime_label(theirs)}; "
+                                "a decode speed-up compares within one runtime")
+
+    from evals.bits import bits_fields
+    from evals.present import runtime_label
+
+    src = report.source
+    # Reports written before bits were counted: count them now where the files are here.
+    if src is not None and src.bpw_linear is None and not src.bpw_detail:
+        for k, v in bits_fields(src.path).items():
+            setattr(src, k, v)
+    for a in report.built():
+        if a.bpw_linear is None and not a.bpw_detail:
+            for k, v in bits_fields(a.path).items():
+                setattr(a, k, v)
+    for ev in report.baseline.values():
+        fill(ev, src.bpw_linear if src else None, src.bpw_model if src else None)
+    for a in report.built():
+        for device, ev in a.evals.items():
+            fill(ev, a.bpw_linear, a.bpw_model)
+            speed_basis(ev, report.baseline.get(device))
+
+
 def failed_checks(gates: GateResult | None) -> list[str]:
     """Human-readable failed checks, e.g. 'perplexity_increase_pct 23.1 > 10 on cpu'."""
     if gates is None:
         return []
     out = []
     for c in gates.checks:
-        if c.passed or c.name == "evaluated":
+        if c.passed or c.name == "evaluated" or c.comparable is False:
             continue
         if c.value is None:
             out.append(f"{c.name} not measured on {c.device}")
@@ -103,6 +189,7 @@ def judge(report, recipe) -> None:
         except KeyError:  # an artifact of a target since removed from the recipe
             return recipe.gates
 
+    derive_metrics(report)
     required = required_devices(recipe)
     for a in report.built():
         a.gates = evaluate_gates(spec_for(a.target), required, a.evals)

@@ -48,18 +48,43 @@ def _size(n) -> str:
     return "" if not n else f"{n / 2**20:,.1f} MiB"
 
 
-def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str]) -> str:
+def _pm(v, err, fmt: str, small: bool = False) -> str:
+    """A value ± its standard error (as llama-perplexity prints it)."""
+    if v is None:
+        return ""
+    text = _small(v, fmt) if small else _num(v, fmt)
+    efmt = fmt.lstrip("+")  # an error has no sign
+    return text + (f" ± {_small(err, efmt) if small else _num(err, efmt)}" if err is not None else "")
+
+
+def _task_cell(ev: EvalEntry, task: str, is_source: bool) -> str:
+    """Accuracy ± its error; for an artifact also its change from the source ± the paired error."""
+    t = ev.tasks.get(task)
+    if t is None:
+        return ""
+    text = _num(t.value * 100, ".1f") + (" ± " + _num(t.stderr * 100, ".1f") if t.stderr else "")
+    if not is_source and t.delta is not None:
+        text += f"<br><span class='note'>Δ {t.delta * 100:+.1f}" + (f" ± {t.delta_stderr * 100:.1f}" if t.delta_stderr is not None else "") + "</span>"
+    return text
+
+
+def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str], bpw: tuple = (None, None)) -> str:
+    from evals.present import runtime_label
+
     m = ev.metrics
+    src = cls == "source"
     cells = [
         f'<td class="l">{_e(name)}</td>',
-        f'<td class="l">{_e(ev.runtime or "-")}{" (dequantized)" if ev.dequantized else ""}</td>',
+        f'<td class="l">{_e(runtime_label(ev.runtime, ev.dequantized))}</td>',
+        f"<td>{_num(bpw[0], '.2f')}</td>",
+        f"<td>{_num(bpw[1], '.2f')}</td>",
         f"<td>{_size(m.size_bytes)}</td>",
         f"<td>{_num(m.perplexity, '.3f')}</td>",
-        f"<td>{_num(m.delta_ppl_pct, '+.2f')}</td>",
-        f"<td>{_small(m.kl_mean, '.4f')}</td>",
+        f"<td>{'' if src else _pm(m.delta_ppl_pct, m.delta_ppl_pct_err, '+.2f')}</td>",
+        f"<td>{'' if src else _pm(m.kl_mean, m.kl_mean_err, '.4f', small=True)}</td>",
         f"<td>{_small(m.kl_p99, '.3f')}</td>",
         f"<td>{_num(m.top1_agreement_pct, '.1f')}</td>",
-        *[f"<td>{_num(ev.tasks[t].value * 100, '.1f') + (' ± ' + _num(ev.tasks[t].stderr * 100, '.1f') if ev.tasks[t].stderr else '') if t in ev.tasks else ''}</td>" for t in tasks],
+        *[f"<td>{_task_cell(ev, t, src)}</td>" for t in tasks],
         f"<td>{_num(m.prefill_tps, ',.0f')}</td>",
         f"<td>{_num(m.decode_tps, ',.1f')}</td>",
         f"<td>{_num(m.decode_bound_tps, ',.0f')}{' (' + _num(m.roofline_pct, '.0f') + ' %)' if m.roofline_pct is not None else ''}</td>",
@@ -69,38 +94,48 @@ def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str]) -> str
 
 
 def device_section(report: Report, device: str, folder: Path | None = None) -> str:
-    from evals.gates import failed_checks
+    from evals.gates import GATE_Z, describe_check, marginal
 
     info = report.devices[device]
     fp = info.fingerprint
     rec = report.recommendations.get(device)
     tasks = sorted({t for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks}
                    | set((report.baseline.get(device) or EvalEntry()).tasks))
-    head = ["artifact", "runtime", "size", "ppl", "Δppl %", "KL mean", "KL p99", "top-1 %", *[f"{t} %" for t in tasks],
-            "prefill tok/s", "decode tok/s", "ceiling tok/s (% reached)", "gate"]
-    rows = [_row("source", report.baseline.get(device) or EvalEntry(), "baseline", "source", tasks)]
+    head = ["artifact", "runtime", "bpw linear", "bpw model", "size", "ppl", "Δppl % ± s.e.", "KL mean ± s.e.", "KL p99", "top-1 %",
+            *[f"{t} %" for t in tasks], "prefill tok/s", "decode tok/s", "ceiling tok/s (% reached)", "gate"]
+    src = report.source
+    rows = [_row("source", report.baseline.get(device) or EvalEntry(), "baseline", "source", tasks,
+                 (src.bpw_linear, src.bpw_model) if src else (None, None))]
     notes = []
     for a in report.built():
         ev = a.evals.get(device) or EvalEntry()
         gate = a.gates.status if a.gates else "-"
         recommended = rec is not None and rec.artifact == a.name
+        if marginal(a.gates, device):
+            gate += " (marginal)"
         rows.append(_row(a.name + (" (recommended)" if recommended else ""), ev, gate if ev.status == "done" else f"{gate} ({ev.status})",
-                         "recommended" if recommended else "", tasks))
+                         "recommended" if recommended else "", tasks, (a.bpw_linear, a.bpw_model)))
         if ev.reason:
             notes.append(f"{a.name}: {ev.status}: {ev.reason}")
-        for check in failed_checks(a.gates):
-            if check.endswith(f"on {device}"):
-                notes.append(f"{a.name}: gate failed: {check}")
+        for check in (a.gates.checks if a.gates else []):
+            if check.device == device and check.name != "evaluated" and (not check.passed or check.clear is False):
+                notes.append(f"{a.name}: {describe_check(check)}")
     where = fp.get("gpu") or fp.get("cpu_model", "")
     out = [f"<h2 id='device-{_e(device)}'>{_e(device)}: {_e(where)} <span class='note'>[{_e(info.fingerprint_hash)}]</span></h2>"]
     if rec is not None:
         text = f"Ship <b>{_e(rec.artifact)}</b> on {_e(device)}: {_e(rec.reason)}" if rec.artifact else f"Nothing to ship on {_e(device)}: {_e(rec.reason)}"
         out.append(f'<p class="rec" id="recommended-{_e(device)}">{text}</p>')
         if rec.pareto:
-            out.append(f"<p class='note'>Pareto front (size vs KL divergence): {_e(', '.join(rec.pareto))}</p>")
+            out.append(f"<p class='note'>Pareto front ({_e(rec.front or 'size vs KL divergence')}): {_e(', '.join(rec.pareto))}"
+                       + (f"; at equal bits (linear-layer bits per weight vs KL): {_e(', '.join(rec.pareto_bits))}" if rec.pareto_bits else "")
+                       + "</p>")
     out.append(f"<table class='results' data-device='{_e(device)}'><thead><tr>" + "".join(f'<th class="{"l" if h in ("artifact", "runtime", "gate") else ""}">{_e(h)}</th>' for h in head)
                + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
     out += [f"<p class='note'>{_e(n)}</p>" for n in notes]
+    out.append("<p class='note'>bpw: bits per weight counted from the artifact's files, of the decoder's linear layers and of "
+               "the whole model. ± one standard error, computed as llama-perplexity does; a gate check is marginal when its "
+               f"threshold lies within {GATE_Z:g} standard errors of the value. Task cells: accuracy ± its error, and the change "
+               "from the source ± its paired error (same items).</p>")
     bw = info.bandwidth
     if bw.get("bandwidth_gbs"):
         out.append(f"<p class='note'>Ceiling: the batch-1 decode bound the format buys, {bw['bandwidth_gbs']} GB/s ({_e(bw.get('method'))}) "
@@ -109,7 +144,21 @@ def device_section(report: Report, device: str, folder: Path | None = None) -> s
                    "so its speed is not the format's.</p>")
     if folder is not None:
         out.append(_plot(folder, device))
+        out.append(_bits_plot(folder, device))
     return "\n".join(out)
+
+
+def _bits_plot(folder: Path, device: str) -> str:
+    from evals.plots import bits_name
+
+    p = Path(folder) / bits_name(device)
+    if not p.is_file():
+        return ""
+    data = base64.b64encode(p.read_bytes()).decode()
+    return (f'<figure id="bits-{_e(device)}"><img alt="{_e(device)}: perplexity increase and KL divergence against bits per weight" '
+            f'src="data:image/png;base64,{data}"><figcaption class="note">Quality per bit: each format at the bits it stores on the '
+            "linear layers; error bars ± one standard error; ringed: the Pareto front (fewer bits, less damage). "
+            f'<a href="{_e(p.name)}">{_e(p.name)}</a></figcaption></figure>')
 
 
 def _plot(folder: Path, device: str) -> str:
@@ -126,6 +175,24 @@ def _plot(folder: Path, device: str) -> str:
             "star: the recommended artifact.</figcaption></figure>")
 
 
+def _commands(report: Report) -> str:
+    """The commands that show and remake this page, to run from the page's own folder
+    (``<artifacts-dir>/<recipe>/``: the artifacts dir is its parent), as printed."""
+    import shlex
+
+    recipe = shlex.quote(report.recipe_path or f"{report.recipe}.yaml")
+    devices = [d for d in report.devices] or ["cpu"]
+    cmds = [
+        ("quantforge report report.json", "this table in the terminal (--format markdown|csv|json, --wide)"),
+        *[(f"quantforge eval {recipe} --device {shlex.quote(d)} --artifacts-dir ..", f"measure again on {d} (cached stages are reused)")
+          for d in devices],
+        (f"quantforge run {recipe} --artifacts-dir ..", "build, evaluate and register"),
+    ]
+    return ("<h2 id='commands'>Commands</h2><p class='note'>From this page's folder:</p><table><tbody>"
+            + "".join(f"<tr><td class='l'><code>{_e(c)}</code></td><td class='l'>{_e(w)}</td></tr>" for c, w in cmds)
+            + "</tbody></table>")
+
+
 def page(report: Report, folder: Path) -> str:
     src = report.source
     parts = [f"<h1>{_e(report.recipe)}</h1>"]
@@ -138,17 +205,25 @@ def page(report: Report, folder: Path) -> str:
             parts.append(f"<p class='note'>Revision <code>{_e(src.commit)}</code>.</p>")
         if lineage.get("note"):
             parts.append(f"<p class='note'>Note: {_e(lineage['note'])}.</p>")
+    links = [f"<a href='#device-{_e(d)}'>{_e(d)}</a>" for d, i in report.devices.items() if i.status == "done"]
+    files = [f"<a href='{_e(n)}'>{_e(n)}</a>" for n in ["report.json", *sorted(p.name for p in Path(folder).glob("*.png"))]
+             if (Path(folder) / n).is_file()]
+    parts.append("<p>Devices: " + (", ".join(links) or "none evaluated") + " · <a href='#builds'>builds</a> · "
+                 "<a href='#commands'>commands</a>" + (" · files: " + ", ".join(files) if files else "") + "</p>")
     for device, info in report.devices.items():
         if info.status == "done":
             parts.append(device_section(report, device, folder))
         else:
             parts.append(f"<h2>{_e(device)}</h2><p class='pending'>{_e(info.status)}: {_e(info.reason)}</p>")
-    parts.append("<h2>Builds</h2><table><thead><tr><th class='l'>artifact</th><th class='l'>format</th><th>size</th>"
+    parts.append("<h2 id='builds'>Builds</h2><table><thead><tr><th class='l'>artifact</th><th class='l'>format</th>"
+                 "<th>bpw linear</th><th>bpw model</th><th>size</th>"
                  "<th>build s</th><th class='l'>status</th><th class='l'>content sha256</th></tr></thead><tbody>"
-                 + "".join(f"<tr><td class='l'>{_e(a.name)}</td><td class='l'>{_e(a.format)}</td><td>{_size(a.bytes)}</td>"
+                 + "".join(f"<tr><td class='l'>{_e(a.name)}</td><td class='l'>{_e(a.format)}</td>"
+                           f"<td>{_num(a.bpw_linear, '.2f')}</td><td>{_num(a.bpw_model, '.2f')}</td><td>{_size(a.bytes)}</td>"
                            f"<td>{_num(a.build_seconds, '.1f')}</td><td class='l {_e(a.status)}'>{_e(a.status)}{': ' + _e(a.reason) if a.reason else ''}</td>"
                            f"<td class='l'><code>{_e((a.content_sha256 or '')[:16])}</code></td></tr>" for a in report.artifacts)
                  + "</tbody></table>")
+    parts.append(_commands(report))
     tools = ", ".join(f"{k} {v}" for k, v in sorted(report.tools.items()))
     parts.append(f"<p class='note'>Recipe sha256 <code>{_e(report.recipe_sha256[:16])}</code>; quantforge {_e(report.quantforge_version)}"
                  f"{'; git ' + _e(report.git_commit[:12]) if report.git_commit else ''}; {_e(tools)}; updated {_e(report.updated)}.</p>")

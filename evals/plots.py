@@ -16,6 +16,11 @@ and task-accuracy recovery when tasks ran. On every panel:
 * point labels are placed where they overlap neither another label nor a point
   (tried offsets around each point; a leader line when the near ones are taken).
 
+``bits-<device>.png`` (:func:`bits_name`) compares formats at equal bits: perplexity
+increase and mean KL (each ± one standard error) against the linear layers' bits per
+weight counted from the files, every artifact and the source, with each panel's Pareto
+front drawn (fewer bits and less damage) and the gate lines.
+
 matplotlib with the Agg backend (no display needed, safe in CI and threads).
 """
 
@@ -31,7 +36,7 @@ from pathlib import Path
 from pipeline.core.report import EvalEntry, Report
 
 #: bump when the drawing changes, so cached PNGs are drawn again
-PLOT_VERSION = "3"
+PLOT_VERSION = "4"
 PREFIX = "plots-"
 #: file names of the one-figure-per-metric plots of quantforge <= 0.2 (removed when found)
 LEGACY = ("quality_vs_size.png", "kld_vs_size.png", "decode_vs_size.png")
@@ -42,6 +47,14 @@ GATE_WORDS = {True: "passed the gates", False: "failed a gate", None: "gates und
 SOURCE_COLOUR = "#1b1f24"
 RUNTIME_MARKERS = {"transformers": "o", "llama_cpp": "s", "modelopt_dequant": "D", "vllm": "^", "tensorrt_llm": "v", "sglang": "P"}
 OTHER_MARKERS = ("p", "h", "X", "<", ">", "*")
+
+
+BITS_PREFIX = "bits-"
+
+
+def bits_name(device: str) -> str:
+    """The quality-vs-bits PNG of one device."""
+    return f"{BITS_PREFIX}{re.sub(r'[^A-Za-z0-9_.-]', '_', device)}.png"
 
 
 def plot_name(device: str) -> str:
@@ -65,6 +78,7 @@ class Point:
     source: bool = False
     pareto: bool = False
     recommended: bool = False
+    err: float | None = None  # one standard error of `value` (drawn as an error bar)
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,22 @@ def _source_value(metric: str, base: EvalEntry) -> float | None:
     return getattr(m, metric, None)
 
 
+def error_of(metric: str, ev: EvalEntry, base: EvalEntry | None) -> float | None:
+    """One standard error of a plotted value: Δppl and KL from the accuracy statistics; task
+    recovery from the tasks' paired errors of the change, relative to the source's accuracy."""
+    m = ev.metrics
+    if metric == "delta_ppl_pct":
+        return m.delta_ppl_pct_err
+    if metric == "kl_mean":
+        return m.kl_mean_err
+    if metric == "task_recovery_pct":
+        deltas = [t for t in ev.tasks.values() if t.delta_stderr is not None]
+        src = base.metrics.task_accuracy if base is not None else None
+        if deltas and src:
+            return 100.0 * math.sqrt(sum(t.delta_stderr ** 2 for t in deltas)) / len(deltas) / src
+    return None
+
+
 def panels(report: Report, device: str) -> list[Panel]:
     """What one device's figure shows: one panel per measure that has at least one artifact point."""
     gates = (report.recipe_config or {}).get("gates") or {}
@@ -125,7 +155,8 @@ def panels(report: Report, device: str) -> list[Panel]:
                 continue
             passed = a.gates.per_device().get(device) if a.gates else None
             pts.append(Point(a.name, size / 2**20, float(v), (ev.speed_runtime if speed else None) or ev.runtime or "?",
-                             bool(ev.dequantized), passed, pareto=a.name in front, recommended=a.name == recommended))
+                             bool(ev.dequantized), passed, pareto=a.name in front, recommended=a.name == recommended,
+                             err=error_of(metric, ev, base)))
         if not any(not p.source for p in pts):
             continue
         threshold = gates.get(gate_field)
@@ -148,7 +179,7 @@ def _devices(report: Report) -> list[str]:
 
 
 def _data_key(report: Report) -> str:
-    data = {d: [asdict(p) for p in panels(report, d)] for d in _devices(report)}
+    data = {d: [asdict(p) for p in panels(report, d) + bits_panels(report, d)] for d in _devices(report)}
     where = {d: report.devices[d].fingerprint_hash for d in data}
     return hashlib.sha256(json.dumps([PLOT_VERSION, report.recipe, where, data], sort_keys=True, default=str).encode()).hexdigest()
 
@@ -287,7 +318,7 @@ def figure(report: Report, device: str):
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(True, alpha=0.3)
         ax.set_ylabel(pan.ylabel, fontsize=9)
-        ys = [p.value for p in pan.points] + ([pan.gate] if pan.gate is not None else [])
+        ys = [p.value + sign * (p.err or 0) for p in pan.points for sign in (-1, 1)] + ([pan.gate] if pan.gate is not None else [])
         # Zero is the source's value for perplexity increase and KL, and a floor for speed; recovery sits near 100 %.
         ylo, yhi = min(ys + ([] if pan.metric == "task_recovery_pct" else [0.0])), max(ys)
         span = (yhi - ylo) or max(abs(yhi), 1.0)
@@ -304,6 +335,8 @@ def figure(report: Report, device: str):
                 ax.scatter([p.size_mib], [p.value], s=260, facecolors="none", edgecolors="#0969da", linewidths=1.0, zorder=3)
             if p.recommended:
                 ax.scatter([p.size_mib], [p.value], s=420, marker="*", color="#fff0a0", edgecolors="#bf8700", linewidths=1.0, zorder=4)
+            if p.err:
+                ax.errorbar([p.size_mib], [p.value], yerr=[p.err], fmt="none", ecolor=colour, elinewidth=1.0, capsize=3, zorder=4)
             ax.scatter([p.size_mib], [p.value], s=46, marker=m, zorder=5, linewidths=1.6,
                        facecolors="none" if p.dequantized else colour, edgecolors=colour)
         labels = [(p.size_mib, p.value, ("★ " if p.recommended else "") + p.name, p.recommended or p.source) for p in pan.points]
@@ -311,8 +344,12 @@ def figure(report: Report, device: str):
     axes[-1].set_xlabel("artifact size (MiB" + (", log scale)" if log else ")"), fontsize=9)
     # One legend for the figure, beside the panels.
     grey = "#57606a"
-    handles = [Line2D([], [], ls="", marker=_marker(rt, markers), color=grey, markersize=7, label=f"runtime: {rt}")
+    from evals.present import RUNTIME_NAMES
+
+    handles = [Line2D([], [], ls="", marker=_marker(rt, markers), color=grey, markersize=7, label=f"runtime: {RUNTIME_NAMES.get(rt, rt)}")
                for rt in list(markers)]
+    if any(p.err for pan in shown for p in pan.points):
+        handles.append(Line2D([], [], color=grey, marker="|", ls="", markersize=10, label="± one standard error"))
     if any(p.dequantized for pan in shown for p in pan.points):
         handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor=grey, markeredgewidth=1.6,
                               markersize=7, label="dequantized: speed is dense compute"))
@@ -338,11 +375,128 @@ def figure(report: Report, device: str):
     return fig
 
 
-def draw_device(report: Report, device: str, out: Path) -> Path | None:
+BITS_PANELS = (
+    ("delta_ppl_pct", "perplexity increase vs source (%)", "max_perplexity_increase_pct"),
+    ("kl_mean", "mean KL divergence from source (nats)", "max_kl_divergence"),
+)
+
+
+def bits_panels(report: Report, device: str) -> list[Panel]:
+    """Δppl and KL against linear-layer bits per weight (``Point.size_mib`` holds the bits here)."""
+    from evals.recommend import pareto_front
+
+    gates = (report.recipe_config or {}).get("gates") or {}
+    rec = report.recommendations.get(device)
+    base = report.baseline.get(device)
+    out = []
+    for metric, ylabel, gate_field in BITS_PANELS:
+        pts: list[Point] = []
+        if base is not None and base.status == "done" and report.source is not None and report.source.bpw_linear:
+            pts.append(Point("source", report.source.bpw_linear, 0.0, base.runtime or "?", False, None, source=True))
+        for a in report.built():
+            ev = a.evals.get(device)
+            if ev is None or ev.status != "done" or not a.bpw_linear:
+                continue
+            v = getattr(ev.metrics, metric, None)
+            if v is None or not math.isfinite(v):
+                continue
+            pts.append(Point(a.name, a.bpw_linear, float(v), ev.runtime or "?", bool(ev.dequantized),
+                             a.gates.per_device().get(device) if a.gates else None,
+                             recommended=rec is not None and rec.artifact == a.name, err=error_of(metric, ev, base)))
+        if not any(not p.source for p in pts):
+            continue
+        front = set(pareto_front({p.name: (p.size_mib, p.value) for p in pts}))
+        pts = [Point(**{**asdict(p), "pareto": p.name in front}) for p in pts]
+        threshold = gates.get(gate_field)
+        out.append(Panel(metric, ylabel, tuple(pts), None if threshold is None else float(threshold),
+                         "" if threshold is None else f"recipe gate: ≤ {threshold:g}", front=len(front) > 1))
+    return out
+
+
+def bits_figure(report: Report, device: str):
+    """One device's quality-vs-bits Figure (None when no artifact has bits and accuracy there)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+    from matplotlib.lines import Line2D
+
+    shown = bits_panels(report, device)
+    if not shown:
+        return None
+    xs = [p.size_mib for pan in shown for p in pan.points]
+    lo, hi = min(xs), max(xs)
+    pad = max((hi - lo) * 0.08, 0.25)
+    fig_h = 1.0 + 3.2 * len(shown)
+    fig, axes = plt.subplots(len(shown), 1, figsize=(11, fig_h), dpi=100, sharex=True, squeeze=False)
+    axes = [a[0] for a in axes]
+    fig.subplots_adjust(left=0.08, right=0.70, top=1 - 0.75 / fig_h, bottom=0.6 / fig_h, hspace=0.12)
+    info = report.devices.get(device)
+    fp = info.fingerprint if info else {}
+    where = fp.get("gpu") or fp.get("cpu_model") or ""
+    fig.suptitle(f"{report.recipe} on {device}: quality per bit" + (f" ({where})" if where else ""), fontsize=12, fontweight="bold")
+    markers: dict[str, str] = {}
+    renderer = fig.canvas.get_renderer()
+    for ax, pan in zip(axes, shown):
+        ax.set_xlim(max(lo - pad, 0), hi + pad)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=10, steps=[1, 2, 5, 10]))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.grid(True, alpha=0.3)
+        ax.set_ylabel(pan.ylabel, fontsize=9)
+        ys = [p.value + sign * (p.err or 0) for p in pan.points for sign in (-1, 1)] + ([pan.gate] if pan.gate is not None else [])
+        ylo, yhi = min(ys + [0.0]), max(ys)
+        span = (yhi - ylo) or max(abs(yhi), 1.0)
+        ax.set_ylim(ylo - 0.12 * span, yhi + 0.18 * span)
+        if pan.gate is not None:
+            ax.axhline(pan.gate, color="#cf222e", ls="--", lw=1.1, zorder=1)
+        if pan.front:
+            front = sorted((p for p in pan.points if p.pareto), key=lambda p: p.size_mib)
+            ax.step([p.size_mib for p in front], [p.value for p in front], where="post", color="#0969da", lw=1.0, ls=":", zorder=2)
+        for p in pan.points:
+            colour = SOURCE_COLOUR if p.source else GATE_COLOURS[p.passed]
+            if p.pareto:
+                ax.scatter([p.size_mib], [p.value], s=260, facecolors="none", edgecolors="#0969da", linewidths=1.0, zorder=3)
+            if p.recommended:
+                ax.scatter([p.size_mib], [p.value], s=420, marker="*", color="#fff0a0", edgecolors="#bf8700", linewidths=1.0, zorder=4)
+            if p.err:
+                ax.errorbar([p.size_mib], [p.value], yerr=[p.err], fmt="none", ecolor=colour, elinewidth=1.0, capsize=3, zorder=4)
+            ax.scatter([p.size_mib], [p.value], s=46, marker=_marker(p.runtime, markers), zorder=5, linewidths=1.6,
+                       facecolors=colour, edgecolors=colour)
+        place_labels(ax, [(p.size_mib, p.value, ("★ " if p.recommended else "") + p.name, p.recommended or p.source)
+                          for p in pan.points], renderer)
+    axes[-1].set_xlabel("bits per weight of the linear layers (counted from the files)", fontsize=9)
+    grey = "#57606a"
+    from evals.present import RUNTIME_NAMES
+
+    handles = [Line2D([], [], ls="", marker=_marker(rt, markers), color=grey, markersize=7, label=f"runtime: {RUNTIME_NAMES.get(rt, rt)}")
+               for rt in list(markers)]
+    handles.append(Line2D([], [], ls="", marker="o", color=SOURCE_COLOUR, markersize=7, label="source model"))
+    verdicts = {p.passed for pan in shown for p in pan.points if not p.source}
+    handles += [Line2D([], [], ls="", marker="o", color=GATE_COLOURS[v], markersize=7, label=GATE_WORDS[v])
+                for v in (True, False, None) if v in verdicts]
+    handles.append(Line2D([], [], color=grey, marker="|", ls="", markersize=10, label="± one standard error"))
+    if any(pan.gate is not None for pan in shown):
+        handles.append(Line2D([], [], color="#cf222e", ls="--", lw=1.1, label="recipe gate (threshold)"))
+    handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="#0969da", markersize=14,
+                          label="Pareto front: fewer bits, less damage"))
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.715, 1 - 0.75 / fig_h), fontsize=8.5, frameon=False,
+               borderaxespad=0.0, handletextpad=0.6, labelspacing=0.9)
+    lineage = report.source.lineage if report.source else {}
+    if lineage.get("quantized"):
+        import textwrap
+
+        fig.text(0.72, 0.6 / fig_h, textwrap.fill("The source was dequantized from a GGUF: GGUF types on the same blocks "
+                                                  "re-represent it almost exactly, which favours them here.", 44),
+                 fontsize=8, color=grey, va="bottom")
+    return fig
+
+
+def draw_device(report: Report, device: str, out: Path, make=None) -> Path | None:
     """Write one device's figure to `out` (atomically); None when nothing was measured there."""
     import matplotlib.pyplot as plt
 
-    fig = figure(report, device)
+    fig = (make or figure)(report, device)
     if fig is None:
         return None
     tmp = out.with_name(out.name + ".tmp.png")
@@ -362,13 +516,14 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     stamp = out_dir / STAMP
     key = _data_key(report)
-    wanted = {plot_name(d): d for d in _devices(report) if panels(report, d)}
-    for stale in [*(out_dir / n for n in LEGACY), *out_dir.glob(f"{PREFIX}*.png")]:
+    wanted = {plot_name(d): (d, figure) for d in _devices(report) if panels(report, d)}
+    wanted.update({bits_name(d): (d, bits_figure) for d in _devices(report) if bits_panels(report, d)})
+    for stale in [*(out_dir / n for n in LEGACY), *out_dir.glob(f"{PREFIX}*.png"), *out_dir.glob(f"{BITS_PREFIX}*.png")]:
         if stale.name not in wanted and stale.is_file():
             stale.unlink()
     existing = [out_dir / n for n in wanted if (out_dir / n).is_file()]
     if stamp.is_file() and stamp.read_text() == key and len(existing) == len(wanted):
         return existing
-    made = [draw_device(report, d, out_dir / n) for n, d in wanted.items()]
+    made = [draw_device(report, d, out_dir / n, make) for n, (d, make) in wanted.items()]
     stamp.write_text(key)
     return [p for p in made if p is not None]

@@ -7,6 +7,8 @@ Per device:
   ``fastest``) and quality is mean KL divergence from the source (task accuracy
   recovery breaks ties when measured). The source itself (KL 0) is on it by
   construction and listed as ``source``.
+* the **bits front**: the same with linear-layer bits per weight as the cost
+  (``pareto_bits``), which compares formats at equal bits; shown in the bits plot.
 * the **recommendation**: among artifacts whose gate checks all pass on this
   device, the smallest (``gates.recommend: smallest``, the default) or the one
   with the highest decode tokens/s (``fastest``); ties go to the lower KL. None
@@ -41,11 +43,14 @@ def recommend(report: Report, device: str, criterion: str, spec_for) -> Recommen
     from evals.gates import evaluate_gates
 
     points: dict[str, tuple[float, float]] = {}
+    bits: dict[str, tuple[float, float]] = {}
     base = report.baseline.get(device)
     if base is not None and base.status == "done":
         c = _cost(base.metrics, criterion)
         if c is not None:
             points["source"] = (c, 0.0)
+        if report.source is not None and report.source.bpw_linear:
+            bits["source"] = (report.source.bpw_linear, 0.0)
     candidates = []
     for a in report.built():
         ev = a.evals.get(device)
@@ -56,17 +61,23 @@ def recommend(report: Report, device: str, criterion: str, spec_for) -> Recommen
         if c is None or m.kl_mean is None:
             continue
         points[a.name] = (c, m.kl_mean)
+        if a.bpw_linear:
+            bits[a.name] = (a.bpw_linear, m.kl_mean)
         if evaluate_gates(spec_for(a.target), [device], {device: ev}).passed is True:
             recovery = m.task_recovery_pct if m.task_recovery_pct is not None else 0.0
             candidates.append((c, m.kl_mean, -recovery, a.name))
     front = pareto_front(points)
+    front_bits = pareto_front(bits)
     what = "size" if criterion == "smallest" else "decode tokens/s"
+    named = "size vs KL divergence" if criterion == "smallest" else "decode speed vs KL divergence"
+    common = dict(device=device, criterion=criterion, pareto=front, front=named, pareto_bits=front_bits)
     if not candidates:
-        return Recommendation(device=device, artifact=None, criterion=criterion, pareto=front,
-                              reason=f"no artifact passes the recipe's gates on {device}")
+        return Recommendation(artifact=None, reason=f"no artifact passes the recipe's gates on {device}", **common)
     best = min(candidates)
     m = report.artifact(best[3]).evals[device].metrics
     detail = f"{m.size_bytes / 2**20:.1f} MiB" if criterion == "smallest" else f"{m.decode_tps:,.1f} decode tok/s"
+    on = "on" if best[3] in front else "off"
     reason = (f"the {'smallest' if criterion == 'smallest' else 'fastest'} of {len(candidates)} artifact(s) that pass the "
-              f"gates on {device} ({detail}, KL {m.kl_mean:.4f}); chosen by {what}")
-    return Recommendation(device=device, artifact=best[3], criterion=criterion, pareto=front, reason=reason)
+              f"gates on {device} ({detail}, KL {m.kl_mean:.4f}); chosen by {what}, {on} the {named} Pareto front "
+              f"({', '.join(front)})")
+    return Recommendation(artifact=best[3], reason=reason, **common)

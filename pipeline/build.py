@@ -60,6 +60,8 @@ def ensure_source(loaded: LoadedRecipe, artifacts_dir: Path, log: Log = print) -
 
 
 def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, results: dict[str, StageResult]):
+    from evals.bits import bits_fields
+
     recipe = loaded.recipe
     with updating(report_path(artifacts_dir, recipe.name), recipe.name) as report:
         if report.recipe_sha256 and report.recipe_sha256 != recipe.sha256():
@@ -82,6 +84,7 @@ def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, re
                 path=str(src.output.model_dir),
                 config=_read_config(src.output.model_dir),
                 lineage=r.get("lineage") or {},
+                **bits_fields(src.output.model_dir),
             )
         for res in results.values():
             report.tools.update({k: v for k, v in res.stage.tools.items()})
@@ -113,6 +116,7 @@ def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, re
                 entry.content_sha256 = res.output.manifest.get("content_sha256")
                 entry.build_seconds = res.output.manifest.get("seconds")
                 entry.reason = None
+                entry = entry.model_copy(update=bits_fields(res.output.path))
             report.upsert_artifact(entry)
         # Targets the recipe no longer has don't linger in the report.
         names = {s.artifact.name for s in plan.stages if s.artifact}

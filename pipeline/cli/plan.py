@@ -28,4 +28,7 @@ def plan(
                          "reason": status.split(":", 1)[1].strip() if ":" in status else None, "what": s.description}
                         for s, key, status in rows])
         else:
-            console.print(plan_table(rows))
+            from evals.present import fit_width
+
+            width = fit_width(console)
+            console.print(plan_table(rows, width), width=width)

@@ -19,34 +19,56 @@ def make_console(stderr: bool = False) -> Console:
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):  # powers of 1024: say so
+        if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
 
 
-def plan_table(rows):
+def plan_table(rows, width: int | None = None):
     """The stages with hit/miss/skip. Skip reasons are long: they follow the table, each once,
-    with the stages it applies to. Stage names and keys never wrap mid-word."""
-    from rich.console import Group
+    with the stages it applies to. Stage names and statuses never wrap or shrink: at a narrow
+    `width` the description is cut first, then the key column goes (``--json`` has the keys),
+    then the description."""
+    from rich import box
+    from rich.console import Console, Group
     from rich.text import Text
 
-    table = Table(title="plan", show_lines=False)
-    table.add_column("stage", no_wrap=True)
-    table.add_column("key", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("what", overflow="ellipsis", no_wrap=True, ratio=1)
+    def build(show_key: bool, what: int | None, show_what: bool = True) -> Table:
+        # Fixed limits, not ratios: rich gives a ratio column its room by squeezing the others to nothing.
+        table = Table(title="plan", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        table.add_column("stage", no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        if show_key:
+            table.add_column("key", no_wrap=True)
+        if show_what:
+            table.add_column("what", overflow="ellipsis", no_wrap=True, max_width=what)
+        for stage, key, status in rows:
+            word = status.split(":", 1)[0]
+            style = {"hit": "green", "miss": "yellow"}.get(word, "dim")
+            table.add_row(stage.name, Text(word, style=style), *([key[:12]] if show_key else []),
+                          *([stage.description or stage.kind] if show_what else []))
+        return table
+
+    probe = Console(width=10_000)
+    table = build(True, None)
+    if width is not None:
+        for show_key in (True, False):
+            base = probe.measure(build(show_key, None, show_what=False)).maximum
+            if base + 3 + 12 <= width:  # room for a description of 12 characters at least
+                table = build(show_key, width - base - 3)
+                break
+        else:
+            table = build(False, None, show_what=False)
     reasons: dict[str, list[str]] = {}
     for stage, key, status in rows:
-        word = status.split(":", 1)[0]
-        style = {"hit": "green", "miss": "yellow"}.get(word, "dim")
-        table.add_row(stage.name, key[:12], Text(word, style=style), stage.description or stage.kind)
-        if word == "skip":
+        if status.split(":", 1)[0] == "skip":
             reasons.setdefault(status.split(":", 1)[1].strip(), []).append(stage.name)
     notes = [Text(f"skipped ({', '.join(names)}): {reason}") for reason, names in reasons.items()]
     hits = sum(1 for _, _, s in rows if s == "hit")
-    counts = Text(f"{hits} of {len(rows)} stages cached")
+    keys_shown = any(c.header == "key" for c in table.columns)
+    counts = Text(f"{hits} of {len(rows)} stages cached" + ("" if keys_shown else "; keys: --json"))
     return Group(table, *notes, counts)
 
 
@@ -56,12 +78,13 @@ def print_build_summary(report, results, path: Path) -> None:
     for r in results.values():
         counts[r.status] = counts.get(r.status, 0) + 1
     table = Table(title=f"build: {report.recipe}")
-    for col in ("artifact", "kind", "status", "size", "seconds", "note"):
+    for col in ("artifact", "kind", "status", "bpw", "size", "seconds", "note"):
         table.add_column(col, overflow="fold")
     for a in report.artifacts:
         style = {"built": "green", "failed": "red", "skipped": "yellow"}.get(a.status, "dim")
         secs = f"{a.build_seconds:.1f}" if a.build_seconds is not None else "-"
-        table.add_row(a.name, a.kind, f"[{style}]{a.status}[/{style}]", human_bytes(a.bytes), secs, a.reason or a.format)
+        bpw = f"{a.bpw_linear:.2f}" if a.bpw_linear is not None else "-"  # linear layers (report.json: bpw_linear)
+        table.add_row(a.name, a.kind, f"[{style}]{a.status}[/{style}]", bpw, human_bytes(a.bytes), secs, a.reason or a.format)
     console.print(table)
     console.print("stages: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"   report: {path}")
 

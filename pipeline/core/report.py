@@ -52,6 +52,10 @@ class SourceReport(Loose):
     #: where the weights came from when not a plain HF checkpoint (a GGUF file: its sha256,
     #: tensor types, and that the source itself was quantized)
     lineage: dict[str, Any] = {}
+    #: bits per weight of the source folder as evaluated (evals.bits)
+    bpw_linear: float | None = None
+    bpw_model: float | None = None
+    bpw_detail: dict[str, Any] = {}
 
 
 # ------------------------------------------------------------------ evals
@@ -73,6 +77,12 @@ class Metrics(Loose):
     kl_max: float | None = None
     top1_agreement_pct: float | None = None
     rms_dp_pct: float | None = None
+    #: standard errors, as llama-perplexity prints them (±): of delta_ppl_pct (in points of %) and of kl_mean
+    delta_ppl_pct_err: float | None = None
+    kl_mean_err: float | None = None
+    #: bits per weight of the artifact's files (copied from its report entry, so MLflow logs them with the rest)
+    bpw_linear: float | None = None
+    bpw_model: float | None = None
     task_accuracy: float | None = None  # mean over the recipe's tasks
     task_recovery_pct: float | None = None  # task_accuracy / the source's, in %
     prefill_tps: float | None = None
@@ -122,6 +132,9 @@ class EvalEntry(Loose):
     speed: dict[str, Any] = {}  # the raw speed record (runs, spreads, memory)
     roofline: dict[str, Any] = {}
     speed_reason: str | None = None
+    #: what metrics.decode_speedup compares: "within transformers" (artifact and source in one runtime);
+    #: when the runtimes differ, why there is no speed-up (a speed gate on it is unverified, not failed)
+    speedup_basis: str | None = None
     tasks_reason: str | None = None
     stage_key: str | None = None  # the eval stage's cache key (lineage)
 
@@ -144,6 +157,14 @@ class GateCheck(Loose):
     threshold: float | None = None
     passed: bool
     reason: str | None = None
+    #: the value's standard error, where the measure has one (Δppl, mean KL)
+    err: float | None = None
+    #: True: the threshold lies outside value ± GATE_Z standard errors (the verdict holds at about 95 %);
+    #: False: inside (the verdict could flip on more text); None: no error known
+    clear: bool | None = None
+    #: False: the value cannot be compared with the threshold here (a speed-up across runtimes);
+    #: the check then leaves the gate unverified rather than failed
+    comparable: bool | None = None
 
 
 GateStatus = Literal["passed", "failed", "pending", "unverified"]
@@ -162,7 +183,7 @@ class GateResult(Loose):
         """device -> passed (False if any check failed there; None while pending or unverified)."""
         out: dict[str, bool | None] = {}
         for c in self.checks:
-            if c.name == "evaluated":
+            if c.name == "evaluated" or c.comparable is False:
                 out[c.device] = None if out.get(c.device) is not False else False
                 continue
             if not c.passed:
@@ -187,6 +208,10 @@ class Recommendation(Loose):
     criterion: str = "smallest"
     reason: str = ""
     pareto: list[str] = []  # artifacts on the size/speed vs KL front
+    #: which front `pareto` is: "size vs KL divergence" or "decode speed vs KL divergence"
+    front: str | None = None
+    #: artifacts on the linear-layer bits per weight vs KL front (compare formats at equal bits)
+    pareto_bits: list[str] = []
 
 
 # ---------------------------------------------------------------- registry
@@ -219,6 +244,11 @@ class ArtifactReport(Loose):
     build_seconds: float | None = None
     #: facts the build recorded about the file (tensor types, fallbacks, verification)
     build_facts: dict[str, Any] = {}
+    #: bits per weight counted from the artifact's files (evals.bits): the decoder blocks' linear
+    #: layers alone, and every stored tensor over every parameter; bpw_detail has the counts
+    bpw_linear: float | None = None
+    bpw_model: float | None = None
+    bpw_detail: dict[str, Any] = {}
     evals: dict[str, EvalEntry] = {}
     gates: GateResult | None = None
     registry: RegistryEntry | None = None

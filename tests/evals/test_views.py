@@ -66,13 +66,14 @@ def crowded(report: Report, n: int = 6) -> Report:
 
 # ------------------------------------------------------------------ plots
 def test_one_figure_per_device_replaces_the_per_metric_files(report, tmp_path):
-    from evals.plots import LEGACY, STAMP, plot_name, write_plots
+    from evals.plots import LEGACY, STAMP, bits_name, plot_name, write_plots
 
     two = two_devices(report)
     for name in LEGACY:  # what an older quantforge left there
         (tmp_path / name).write_bytes(b"old")
     made = write_plots(two, tmp_path)
-    assert sorted(p.name for p in made) == ["plots-cpu.png", "plots-cuda.png"] == sorted(plot_name(d) for d in ("cpu", "cuda"))
+    assert sorted(p.name for p in made) == ["bits-cpu.png", "bits-cuda.png", "plots-cpu.png", "plots-cuda.png"] \
+        == sorted([plot_name(d) for d in ("cpu", "cuda")] + [bits_name(d) for d in ("cpu", "cuda")])
     assert not any((tmp_path / n).exists() for n in LEGACY)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in made)
     # Unchanged numbers: the PNGs are kept, not drawn again.
@@ -80,8 +81,8 @@ def test_one_figure_per_device_replaces_the_per_metric_files(report, tmp_path):
     time.sleep(0.01)
     assert write_plots(two, tmp_path) == made and {p: p.stat().st_mtime_ns for p in made} == mtimes
     # A device no longer evaluated loses its PNG (what register uploads is what the report shows).
-    assert [p.name for p in write_plots(report, tmp_path)] == ["plots-cpu.png"]
-    assert not (tmp_path / "plots-cuda.png").exists() and (tmp_path / STAMP).is_file()
+    assert sorted(p.name for p in write_plots(report, tmp_path)) == ["bits-cpu.png", "plots-cpu.png"]
+    assert not (tmp_path / "plots-cuda.png").exists() and not (tmp_path / "bits-cuda.png").exists() and (tmp_path / STAMP).is_file()
     assert plot_name("cuda:0") == "plots-cuda_0.png"
 
 
@@ -116,7 +117,7 @@ def test_figure_reads_plainly(report):
         hollow = [c for c in markers if len(c.get_facecolors()) == 0 or c.get_facecolors()[0][3] == 0]
         assert len(markers) == 3 and len(hollow) == 1
         legend = [t.get_text() for t in fig.legends[0].get_texts()]
-        assert "dequantized: speed is dense compute" in legend and "runtime: llama_cpp" in legend and "runtime: transformers" in legend
+        assert "dequantized: speed is dense compute" in legend and "runtime: llama.cpp" in legend and "runtime: transformers" in legend
         assert f"recommended on cpu: {rec}" in legend and "recipe gate (threshold)" in legend
     finally:
         plt.close(fig)
@@ -203,7 +204,7 @@ def test_report_html_renders_in_a_browser(report, tmp_path):
     dom = _Dom()
     dom.feed(chromium(page.as_uri(), shot, tmp_path / "profile"))
     assert dom.title == f"{two.recipe}: quantforge report"
-    assert dom.tables == ["cpu", "cuda"] and dom.images == 2  # a table and a figure per device
+    assert dom.tables == ["cpu", "cuda"] and dom.images == 4  # a table and two figures per device
     recs = [two.recommendations[d].artifact for d in ("cpu", "cuda")]
     assert all(recs)
     recommended = [r["text"] for r in dom.rows if "recommended" in r["class"].split()]
@@ -212,3 +213,61 @@ def test_report_html_renders_in_a_browser(report, tmp_path):
     assert len(sources) == 2
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000  # a page with tables and figures, not a blank one
+
+
+def test_report_html_states_bits_errors_links_and_commands(report, tmp_path):
+    """The page's table has bits per weight and ± errors, per-task changes; it links its sections and
+    files, embeds the quality-per-bit figure, and lists the commands that show and remake it."""
+    import subprocess
+    import sys
+
+    page = views(report, tmp_path / report.recipe)
+    text = page.read_text()
+    dom = _Dom()
+    dom.feed(text)
+    assert dom.images == 2 and 'id="bits-cpu"' in text
+    header = next(r["text"] for r in dom.rows)
+    assert "bpw linear" in header and "Δppl % ± s.e." in header and "KL mean ± s.e." in header
+    for a in report.built():
+        row = next(r["text"] for r in dom.rows if r["text"].startswith(a.name))
+        m = a.evals["cpu"].metrics
+        assert f"{a.bpw_linear:.2f}" in row and f"{a.bpw_model:.2f}" in row
+        assert f"{m.delta_ppl_pct:+.2f} ± {m.delta_ppl_pct_err:.2f}" in row
+        for t in a.evals["cpu"].tasks.values():
+            assert f"Δ {t.delta * 100:+.1f}" in row
+    for target in re.findall(r"href='#([^']+)'", text):
+        assert f"id='{target}'" in text or f'id="{target}"' in text, target
+    for f in re.findall(r"href='([^#'][^']*)'", text):
+        assert (page.parent / f).is_file(), f
+    # The report command printed on the page runs as printed (from the report's folder).
+    cmd = re.search(r"<code>(quantforge report [^<]+)</code>", text).group(1)
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli.main", *cmd.split()[1:], "--format", "json"],
+                         cwd=page.parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_quality_per_bit_figure(report):
+    """Δppl and KL against the bits each artifact stores on its linear layers, with error bars and the
+    front; the recommendation names the front it was chosen from."""
+    import matplotlib.pyplot as plt
+
+    from evals.plots import bits_figure
+    from tests.registry.reports import decide
+
+    decide(report)  # as the eval job decides (the cached report may predate this code)
+    rec = report.recommendations["cpu"]
+    assert rec.front == "size vs KL divergence" and f"Pareto front ({', '.join(rec.pareto)})" in rec.reason
+    assert rec.pareto_bits and set(rec.pareto_bits) <= {"source", *(a.name for a in report.built())}
+    fig = bits_figure(report, "cpu")
+    try:
+        assert [a.get_ylabel() for a in fig.axes] == ["perplexity increase vs source (%)", "mean KL divergence from source (nats)"]
+        assert "bits per weight" in fig.axes[-1].get_xlabel()
+        for ax, metric in zip(fig.axes, ("delta_ppl_pct", "kl_mean")):
+            dots = {tuple(c.get_offsets()[0]) for c in ax.collections if type(c).__name__ == "PathCollection" and c.get_sizes()[0] == 46}
+            want = {(report.source.bpw_linear, 0.0)} | {(a.bpw_linear, getattr(a.evals["cpu"].metrics, metric)) for a in report.built()}
+            assert {(round(x, 6), round(y, 9)) for x, y in dots} == {(round(x, 6), round(y, 9)) for x, y in want}
+            if metric == "kl_mean":  # the source (0 KL) and the fewest-bits artifact are always on this front
+                assert any(ln.get_linestyle() == ":" for ln in ax.lines)
+            assert len([c for c in ax.collections if type(c).__name__ == "LineCollection"]) == len(report.built())  # error bars
+    finally:
+        plt.close(fig)
