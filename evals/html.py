@@ -69,7 +69,7 @@ def _task_cell(ev: EvalEntry, task: str, is_source: bool) -> str:
 
 
 def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str], bpw: tuple = (None, None)) -> str:
-    from evals.present import runtime_label
+    from evals.runtimes import runtime_label
 
     m = ev.metrics
     src = cls == "source"
@@ -94,7 +94,7 @@ def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str], bpw: t
 
 
 def device_section(report: Report, device: str, folder: Path | None = None) -> str:
-    from evals.gates import GATE_Z, describe_check, marginal
+    from evals.policy import GATE_Z, describe_check, marginal
 
     info = report.devices[device]
     fp = info.fingerprint

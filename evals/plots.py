@@ -344,7 +344,7 @@ def figure(report: Report, device: str):
     axes[-1].set_xlabel("artifact size (MiB" + (", log scale)" if log else ")"), fontsize=9)
     # One legend for the figure, beside the panels.
     grey = "#57606a"
-    from evals.present import RUNTIME_NAMES
+    from evals.runtimes import RUNTIME_NAMES
 
     handles = [Line2D([], [], ls="", marker=_marker(rt, markers), color=grey, markersize=7, label=f"runtime: {RUNTIME_NAMES.get(rt, rt)}")
                for rt in list(markers)]
@@ -383,7 +383,7 @@ BITS_PANELS = (
 
 def bits_panels(report: Report, device: str) -> list[Panel]:
     """Δppl and KL against linear-layer bits per weight (``Point.size_mib`` holds the bits here)."""
-    from evals.recommend import pareto_front
+    from evals.policy import pareto_front
 
     gates = (report.recipe_config or {}).get("gates") or {}
     rec = report.recommendations.get(device)
@@ -467,7 +467,7 @@ def bits_figure(report: Report, device: str):
                           for p in pan.points], renderer)
     axes[-1].set_xlabel("bits per weight of the linear layers (counted from the files)", fontsize=9)
     grey = "#57606a"
-    from evals.present import RUNTIME_NAMES
+    from evals.runtimes import RUNTIME_NAMES
 
     handles = [Line2D([], [], ls="", marker=_marker(rt, markers), color=grey, markersize=7, label=f"runtime: {RUNTIME_NAMES.get(rt, rt)}")
                for rt in list(markers)]

@@ -6,7 +6,7 @@ shows them all), Markdown, CSV and JSON (``quantforge report --format``). Names 
 runtimes and units are the same on every surface (:func:`runtime_label`, MiB).
 
 Δppl% and KLD carry ± one standard error, computed as ``llama-perplexity`` computes
-it; a gate verdict whose threshold lies within ``evals.gates.GATE_Z`` standard errors
+it; a gate verdict whose threshold lies within ``evals.policy.GATE_Z`` standard errors
 of the value is marked ``~`` (marginal).
 """
 
@@ -16,19 +16,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from evals.runtimes import RUNTIME_NAMES, runtime_label
 from pipeline.core.report import EvalEntry, Report
 
 #: one name per runtime, on every surface (tables, HTML, plots)
-RUNTIME_NAMES = {"transformers": "transformers", "llama_cpp": "llama.cpp", "modelopt_dequant": "modelopt",
-                 "tensorrt_llm": "TensorRT-LLM", "vllm": "vLLM", "sglang": "SGLang"}
 FORMATS = ("table", "markdown", "csv", "json")
-
-
-def runtime_label(runtime: str | None, dequantized: bool | None = False) -> str:
-    """'llama.cpp', 'transformers dq' (dq: low-bit weights expanded to floats to run)."""
-    if not runtime:
-        return "-"
-    return RUNTIME_NAMES.get(runtime, runtime) + (" dq" if dequantized else "")
 
 
 def mib(n: Any) -> str:
@@ -107,7 +99,7 @@ def _entries(report: Report, device: str):
 
 def records(report: Report, device: str) -> list[dict[str, Any]]:
     """The table's rows as numbers (JSON and CSV): one dict per model, None where not measured."""
-    from evals.gates import marginal
+    from evals.policy import marginal
 
     rec = report.recommendations.get(device)
     out = []
@@ -198,7 +190,7 @@ def json_rows(report: Report, devices: list[str] | None = None) -> list[dict[str
 
 def legend(report: Report, device: str) -> list[str]:
     """The lines under a device's table: what the columns mean, the recommendation, the source's provenance."""
-    from evals.gates import GATE_Z
+    from evals.policy import GATE_Z
 
     lines = []
     rec = report.recommendations.get(device)

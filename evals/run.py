@@ -172,7 +172,7 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
 def evaluate(loaded: LoadedRecipe, artifacts_dir: Path, device: str = "auto", log: Log = print) -> Report:
     """Evaluate the source and every built artifact on the requested devices; merge into report.json."""
     from pipeline.backends.devices import resolve_devices
-    from evals.gates import judge
+    from evals.policy import judge
 
     recipe = loaded.recipe
     rpath = report_path(artifacts_dir, recipe.name)

@@ -34,7 +34,7 @@ from typing import Any
 
 from pipeline.core.stage import Stage, StageContext
 
-EVAL_VERSION = "3"  # 3: a GGUF worker's tasks in a child of their own; lm-eval's native results kept
+EVAL_VERSION = "4"  # 3: a GGUF worker's tasks in a child of their own, lm-eval's native results; 4: KL standard errors
 WORKER_TIMEOUT_S = 3 * 3600
 SOURCE_RUNTIMES = {"cpu": ("transformers",), "cuda": ("transformers",)}
 REFERENCE_FILE = "reference.npz"

@@ -25,6 +25,18 @@ RUNTIMES: dict[str, str] = {
     "modelopt_dequant": "evals.runtimes.modelopt_dequant_rt:ModelOptDequantRuntime",
 }
 
+#: One name per runtime on every surface (tables, HTML, cards, MLflow).
+RUNTIME_NAMES = {"transformers": "transformers", "llama_cpp": "llama.cpp", "modelopt_dequant": "modelopt",
+                 "tensorrt_llm": "TensorRT-LLM", "vllm": "vLLM", "sglang": "SGLang"}
+
+
+def runtime_label(runtime: str | None, dequantized: bool | None = False) -> str:
+    """'llama.cpp', 'transformers dq' (dq: low-bit weights expanded to floats to run)."""
+    if not runtime:
+        return "-"
+    return RUNTIME_NAMES.get(runtime, runtime) + (" dq" if dequantized else "")
+
+
 def get_runtime(name: str):
     """The runtime object registered as `name` (its module imported now)."""
     if name not in RUNTIMES:

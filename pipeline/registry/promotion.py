@@ -10,7 +10,7 @@ Aliases, per registered model ``<model_name>-<target>[-<variant>]`` (one per art
     leaves it where it was.
 ``recommended-<device>``
     the one artifact to ship on that device: the recipe's per-device recommendation
-    (:mod:`evals.recommend`: the smallest or fastest artifact whose gate checks pass
+    (:mod:`evals.policy`: the smallest or fastest artifact whose gate checks pass
     there). Exactly one registered model of the recipe holds it: setting it on the
     recommended artifact's version removes it from the recipe's other models. When
     nothing passes on a device, it stays where it was.
@@ -68,11 +68,11 @@ def recipe_of(report: Report):
 def decide(report: Report) -> Report:
     """Gates and recommendations re-decided on the report's (merged) per-device results.
 
-    The function the eval job runs (``evals.gates.judge``), so a report merged from
+    The function the eval job runs (``evals.policy.judge``), so a report merged from
     several devices' jobs is judged as if one job had evaluated every device. Returns a
     new report.
     """
-    from evals.gates import judge
+    from evals.policy import judge
 
     out = report.model_copy(deep=True)
     recipe = recipe_of(out)

@@ -339,7 +339,7 @@ def test_changed_files_ignore_deleted_and_non_recipe_paths(git_repo, tmp_path):
 @pytest.fixture
 def report_file(tmp_path) -> Path:
     """A small real report: what build + eval on cpu write, with cuda still pending."""
-    from evals.gates import evaluate_gates
+    from evals.policy import evaluate_gates
     from pipeline.spec import GateSpec
     from pipeline.core.report import ArtifactReport, Report, SourceReport, write_report
 

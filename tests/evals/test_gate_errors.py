@@ -12,7 +12,7 @@ from tests.registry.conftest import real_report  # noqa: F401 - the fixture
 
 
 def test_errors_come_from_the_accuracy_record(real_report):  # noqa: F811
-    from evals.gates import derive_metrics
+    from evals.policy import derive_metrics
 
     r = real_report.model_copy(deep=True)
     for a in r.built():
@@ -26,7 +26,7 @@ def test_errors_come_from_the_accuracy_record(real_report):  # noqa: F811
 
 
 def test_clear_and_marginal_verdicts(real_report):  # noqa: F811
-    from evals.gates import GATE_Z, describe_check, evaluate_gates, marginal
+    from evals.policy import GATE_Z, describe_check, evaluate_gates, marginal
 
     a = real_report.artifact("fp8")
     m = a.evals["cpu"].metrics
@@ -58,7 +58,7 @@ def test_gate_check_round_trips_through_json():
 def test_speed_gate_compares_within_one_runtime(real_report):  # noqa: F811
     """fp8 runs in transformers like the source: its speed-up is compared. The GGUF runs in llama.cpp:
     no speed-up against transformers, so a speed gate leaves it unverified instead of passing it."""
-    from evals.gates import derive_metrics, evaluate_gates
+    from evals.policy import derive_metrics, evaluate_gates
 
     r = real_report.model_copy(deep=True)
     derive_metrics(r)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evals.accuracy import Reference, kl_divergence, log_softmax, make_windows, perplexity, token_nll, top1_agreement
-from evals.gates import evaluate_gates, failed_checks
+from evals.policy import evaluate_gates, failed_checks
 from pipeline.core.report import EvalEntry, Metrics
 from pipeline.spec import GateSpec
 

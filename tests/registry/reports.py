@@ -2,7 +2,7 @@
 
 Nothing here writes an eval or gate by hand: results come from the real eval job
 (``tests/registry/conftest.py::real_report``), decisions from the eval job's own
-functions (``evals.gates.evaluate_gates``, ``evals.recommend.recommend``), new bytes
+functions (``evals.policy.evaluate_gates``, ``evals.policy.recommend``), new bytes
 from the store's own commit. Nothing here imports mlflow.
 """
 
@@ -33,7 +33,7 @@ evals: {devices: [cpu], max_windows: 4, context: 128}
 def decide(report: Report) -> None:
     """Gates and recommendations as the eval job decides them, for the report's recipe and evals
     (recommendations only for the devices the report now has)."""
-    from evals.gates import judge
+    from evals.policy import judge
 
     report.recommendations = {}
     judge(report, Recipe.model_validate(report.recipe_config))
