@@ -261,13 +261,10 @@ def fit_width(console) -> int | None:
     return console.width if console.is_terminal else None
 
 
-def render(report: Report, console=None, devices: list[str] | None = None, wide: bool = False) -> None:
-    """Print one table per device of the report (pending devices as one line). On a terminal the
-    columns that do not fit its width are left out and named; `wide` (and piped output) shows all."""
-    if console is None:
-        from pipeline.cli.tables import make_console
-
-        console = make_console()
+def render(report: Report, console, devices: list[str] | None = None, wide: bool = False) -> None:
+    """Print one table per device of the report (pending devices as one line) on `console` (a rich
+    Console the CLI hands down). On a terminal the columns that do not fit its width are left out
+    and named; `wide` (and piped output) shows all."""
     for device, info in report.devices.items():
         if devices and device not in devices:
             continue
@@ -306,6 +303,6 @@ def render(report: Report, console=None, devices: list[str] | None = None, wide:
             console.print(line, markup=False, soft_wrap=True)
 
 
-def print_eval_tables(report: Report, console=None) -> None:
-    """What `quantforge eval` prints (the name pipeline.workflow calls)."""
+def print_eval_tables(report: Report, console) -> None:
+    """What `quantforge eval` prints."""
     render(report, console)

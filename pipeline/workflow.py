@@ -5,6 +5,7 @@ Each function returns the process exit code (see pipeline.errors).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -105,31 +106,45 @@ def _skipped_artifacts(stages) -> dict[str, str]:
     return {s.artifact.name: why[s.name] for s in stages if s.artifact and s.name in why}
 
 
-def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
-    return _build(load_recipe(recipe_path), artifacts_dir, targets, log)
+class Ui:
+    """What a job shows besides its log lines: stage progress, the build summary, the results
+    tables. The CLI hands its terminal one down (pipeline.cli.tables.TerminalUi); this default,
+    for callers without a terminal, shows nothing more."""
+
+    def progress(self):
+        return contextlib.nullcontext(None)
+
+    def build_summary(self, report, results, path: Path) -> None:
+        pass
+
+    def eval_tables(self, report) -> None:
+        pass
 
 
-def _build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log) -> int:
-    return _build_results(loaded, artifacts_dir, targets, log)[0]
+def run_build(recipe_path: Path, artifacts_dir: Path, targets: list[str] | None, log: Log, ui: Ui = Ui()) -> int:
+    return _build(load_recipe(recipe_path), artifacts_dir, targets, log, ui)
 
 
-def _build_results(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log):
+def _build(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log, ui: Ui) -> int:
+    return _build_results(loaded, artifacts_dir, targets, log, ui)[0]
+
+
+def _build_results(loaded: LoadedRecipe, artifacts_dir: Path, targets: list[str] | None, log: Log, ui: Ui):
     from pipeline.build import build
-    from pipeline.cli.tables import print_build_summary, stage_progress
 
     artifacts_dir = Path(artifacts_dir).resolve()
-    with stage_progress() as progress:
+    with ui.progress() as progress:
         report, results = build(loaded, artifacts_dir, targets, log=log, progress=progress)
-    print_build_summary(report, results, report_path(artifacts_dir, loaded.recipe.name))
+    ui.build_summary(report, results, report_path(artifacts_dir, loaded.recipe.name))
     return (EXIT_STAGE_FAILED if any(r.status == "failed" for r in results.values()) else EXIT_OK), results
 
 
-def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log) -> int:
-    return _eval(load_recipe(recipe_path), recipe_path, artifacts_dir, device, fail_on_gate, log)
+def run_eval(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log, ui: Ui = Ui()) -> int:
+    return _eval(load_recipe(recipe_path), recipe_path, artifacts_dir, device, fail_on_gate, log, ui)
 
 
-def _eval(loaded: LoadedRecipe, recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log) -> int:
-    from evals.present import print_eval_tables
+def _eval(loaded: LoadedRecipe, recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, log: Log,
+          ui: Ui) -> int:
     from evals.run import evaluate
     from pipeline.build import ensure_source
 
@@ -137,7 +152,7 @@ def _eval(loaded: LoadedRecipe, recipe_path: Path, artifacts_dir: Path, device: 
         raise InvalidInput(f"no report for {loaded.recipe.name!r} under {artifacts_dir}: run `quantforge build {recipe_path}` (or `quantforge pull`) first")
     ensure_source(loaded, artifacts_dir, log)
     report = evaluate(loaded, artifacts_dir, device, log=log)
-    print_eval_tables(report)
+    ui.eval_tables(report)
     broken = [f"{a.name} on {d}" for a in report.built() for d, ev in a.evals.items() if ev.status == "failed"]
     if broken:
         log(f"evaluations failed: {', '.join(broken)} (their reasons are under the table)")
@@ -219,19 +234,19 @@ def run_pull(recipe_path: Path, artifacts_dir: Path, tracking_uri: str | None, l
 
 
 def run_all(recipe_path: Path, artifacts_dir: Path, device: str, fail_on_gate: bool, register: bool, tracking_uri: str | None, log: Log,
-            targets: list[str] | None = None) -> int:
+            targets: list[str] | None = None, ui: Ui = Ui()) -> int:
     """Build (every target, or `targets`), evaluate, register. A failed target does not stop the
     others: what built is evaluated and registered (the failure is recorded on the build run),
     and the exit code still says a stage failed."""
     loaded = load_recipe(recipe_path)  # once: the checks read the source's config and the calibration text
     rpath = report_path(artifacts_dir, loaded.recipe.name)
-    code, results = _build_results(loaded, artifacts_dir, targets, log)
+    code, results = _build_results(loaded, artifacts_dir, targets, log, ui)
     source = results.get("source")
     if source is not None and source.status == "failed":
         # Evaluating would run the source stage again (to measure the source) and fail the same way.
         log(f"the source failed to build ({source.reason}): nothing to evaluate or register")
         return code
-    eval_code = _eval(loaded, recipe_path, artifacts_dir, device, fail_on_gate, log)
+    eval_code = _eval(loaded, recipe_path, artifacts_dir, device, fail_on_gate, log, ui)
     if register:
         _register(rpath, tracking_uri, log)
     log(f"done: report {rpath} (and report.html beside it)")

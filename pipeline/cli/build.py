@@ -6,6 +6,7 @@ import typer
 
 from pipeline.cli.verbosity import Quiet, Verbose, apply as apply_verbosity
 from pipeline.cli.executor_options import Address, Executor, executor_for
+from pipeline.cli.tables import TerminalUi
 from pipeline.cli.common import ArtifactsDir, RecipeArg, Targets, exits, log
 
 app = typer.Typer()
@@ -26,4 +27,4 @@ def build(
 
     apply_verbosity(verbose, quiet)
     with exits(), executor_for(recipe, executor, address):
-        raise typer.Exit(run_build(recipe, artifacts_dir, target or None, log=log))
+        raise typer.Exit(run_build(recipe, artifacts_dir, target or None, log=log, ui=TerminalUi()))

@@ -6,6 +6,7 @@ import typer
 
 from pipeline.cli.verbosity import Quiet, Verbose, apply as apply_verbosity
 from pipeline.cli.executor_options import Address, Executor, executor_for
+from pipeline.cli.tables import TerminalUi
 from pipeline.cli.common import ArtifactsDir, Device, RecipeArg, exits, log
 
 app = typer.Typer()
@@ -27,4 +28,4 @@ def eval_(
 
     apply_verbosity(verbose, quiet)
     with exits(), executor_for(recipe, executor, address):
-        raise typer.Exit(run_eval(recipe, artifacts_dir, device, fail_on_gate, log=log))
+        raise typer.Exit(run_eval(recipe, artifacts_dir, device, fail_on_gate, log=log, ui=TerminalUi()))

@@ -6,6 +6,7 @@ import typer
 
 from pipeline.cli.executor_options import Address, Executor, executor_for
 from pipeline.cli.verbosity import Quiet, Verbose, apply as apply_verbosity
+from pipeline.cli.tables import TerminalUi
 from pipeline.cli.common import ArtifactsDir, Device, RecipeArg, Targets, TrackingUri, exits, log
 
 app = typer.Typer()
@@ -31,4 +32,4 @@ def run(
     apply_verbosity(verbose, quiet)
     with exits(), executor_for(recipe, executor, address):
         raise typer.Exit(run_all(recipe, artifacts_dir, device, fail_on_gate, not no_register, tracking_uri, log=log,
-                                   targets=target or None))
+                                   targets=target or None, ui=TerminalUi()))

@@ -106,3 +106,18 @@ def stage_progress():
             return lambda result: bar.update(task, advance=1, description=f"{result.stage.name}: {result.status}")
 
         yield start
+
+
+class TerminalUi:
+    """The terminal's side of a job (pipeline.workflow.Ui), handed down by the commands."""
+
+    def progress(self):
+        return stage_progress()
+
+    def build_summary(self, report, results, path: Path) -> None:
+        print_build_summary(report, results, path)
+
+    def eval_tables(self, report) -> None:
+        from evals.present import print_eval_tables
+
+        print_eval_tables(report, make_console())
