@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.core.report import DeviceInfo, EvalEntry, Metrics, Report, read_report, report_path, updating
-from pipeline.core.runner import StageResult, execute, stage_keys
+from pipeline.core.runner import StageResult, stage_keys
+from pipeline.executors import execute
 from pipeline.errors import InvalidInput
 from pipeline.recipe import LoadedRecipe
 

@@ -8,7 +8,8 @@ from typing import Callable
 import pipeline
 from pipeline.plan import Plan, make_plan
 from pipeline.core.report import ArtifactReport, SourceReport, StageRecord, report_path, updating
-from pipeline.core.runner import StageResult, execute, stage_keys
+from pipeline.core.runner import StageResult, stage_keys
+from pipeline.executors import execute
 from pipeline.errors import StageFailed
 from pipeline.recipe import LoadedRecipe
 

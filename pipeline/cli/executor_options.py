@@ -21,7 +21,8 @@ Address = typer.Option(
 @contextlib.contextmanager
 def executor_for(recipe: Path, executor: str | None, address: str | None) -> Iterator[None]:
     """Every stage the command runs goes to the chosen executor."""
-    from pipeline.core.executors import choose, using
+    from pipeline.executors import choose, using
+    from pipeline.validation import load_recipe
 
-    with using(choose(recipe, executor, address)):
+    with using(choose(load_recipe(recipe, check_source=False).recipe, executor, address, str(recipe))):
         yield

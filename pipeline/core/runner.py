@@ -8,7 +8,7 @@ A failed stage leaves nothing in the store; stages that need it are skipped with
 the reason, and independent stages still run. Build stages and eval stages run
 here alike.
 
-Where they run is the executor's business (:mod:`pipeline.core.executors`): this
+Where they run is the executor's business (:mod:`pipeline.executors`): this
 process, one stage after another (the default), or a Ray cluster, each stage a task.
 Both run a stage through :func:`run_stage`, so a stage behaves the same anywhere.
 """
@@ -212,19 +212,9 @@ def execute(
     progress: Callable[[StageResult], None] | None = None,
     inputs: dict[str, StageOutput] | None = None,
 ) -> dict[str, StageResult]:
-    """Run `stages` (in order, or as their inputs allow); `inputs` are outputs of stages outside this list.
-
-    The executor chosen with :func:`pipeline.core.executors.using` runs them (this process
-    when none was chosen: today's behaviour, stage after stage).
-    """
-    from pipeline.core.executors import current
-
+    """Run `stages` in this process, stage after stage (the local executor); `inputs` are outputs of
+    stages outside this list. :func:`pipeline.executors.execute` chooses between this and a cluster."""
     keys = keys or stage_keys(stages)
-    chosen = current()
-    if chosen is not None and chosen.executor != "local":
-        from pipeline.core.executors.ray_executor import execute_on_ray
-
-        return execute_on_ray(chosen, stages, Path(artifacts_dir), log, keys, logs_dir, progress, inputs or {})
     store = Store(artifacts_dir)
     store.clean_stale_tmp()
     results: dict[str, StageResult] = {}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.executors import ExecutorChoice, choose, task_resources, using
-from pipeline.core.runner import execute
+from pipeline.executors import ExecutorChoice, choose, task_resources, using
+from pipeline.executors import execute
 from pipeline.core.stage import ArtifactInfo, Stage
 from pipeline.errors import InvalidInput
 
@@ -40,11 +40,17 @@ def _stage(name: str, run, inputs=None) -> Stage:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from pipeline.core.executors.ray_executor import shutdown
+    from pipeline.executors.ray_executor import shutdown
 
     choice = ExecutorChoice(executor="ray", workers=2, max_retries=0)
     yield choice
     shutdown()
+
+
+def _loaded(path):
+    from pipeline.validation import load_recipe
+
+    return load_recipe(path, check_source=False).recipe
 
 
 def test_independent_stages_overlap_and_a_failure_skips_only_its_dependents(cluster, tmp_path):
@@ -100,7 +106,7 @@ def count_and_write(ctx) -> dict:
 def test_two_runs_that_reach_for_the_same_stage_build_it_once(cluster, tmp_path):
     import threading
 
-    from pipeline.core.executors.ray_executor import connect
+    from pipeline.executors.ray_executor import connect
 
     connect(cluster, lambda m: None)  # once, before two threads use the session
     stage = _stage("shared/build", count_and_write)
@@ -135,7 +141,7 @@ targets:
 
 
 def test_resources_follow_the_kinds_declarations_and_the_recipe(tmp_path):
-    choice = choose(_recipe(tmp_path, "execution: {executor: ray, resources: {q: {num_gpus: 0.5, memory_gb: 2}}}"), None, None)
+    choice = choose(_loaded(_recipe(tmp_path, "execution: {executor: ray, resources: {q: {num_gpus: 0.5, memory_gb: 2}}}")), None, None)
     assert choice.executor == "ray" and choice.target_kinds == {"q": "gptq", "g": "gguf"}
     plain = ExecutorChoice(executor="ray", target_kinds=choice.target_kinds)
     gptq = Stage(name="q/quantize", kind="llmc-gptq", version="1", params={}, run=None, target="q")
@@ -154,12 +160,12 @@ def test_resources_follow_the_kinds_declarations_and_the_recipe(tmp_path):
 
 def test_bad_execution_settings_are_invalid_input(tmp_path):
     with pytest.raises(InvalidInput, match="'qq', which is not a target"):
-        choose(_recipe(tmp_path, "execution: {executor: ray, resources: {qq: {num_gpus: 1}}}"), None, None)
+        choose(_loaded(_recipe(tmp_path, "execution: {executor: ray, resources: {qq: {num_gpus: 1}}}")), None, None)
     with pytest.raises(InvalidInput, match="needs --executor ray"):
-        choose(_recipe(tmp_path), None, "127.0.0.1:6379")
+        choose(_loaded(_recipe(tmp_path)), None, "127.0.0.1:6379")
     with pytest.raises(InvalidInput, match="choose one of local, ray"):
-        choose(_recipe(tmp_path), "dask", None)
-    assert choose(_recipe(tmp_path), None, None).executor == "local"
+        choose(_loaded(_recipe(tmp_path)), "dask", None)
+    assert choose(_loaded(_recipe(tmp_path)), None, None).executor == "local"
 
 
 def test_execution_is_not_part_of_what_a_recipe_builds(tmp_path):

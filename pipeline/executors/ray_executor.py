@@ -1,7 +1,7 @@
 """Run a plan's stages as Ray tasks: Ray schedules and retries, the store keeps its guarantees.
 
 The driver (the `quantforge` process) submits each stage once its inputs are done, with the
-resources its kind declares (:func:`pipeline.core.executors.task_resources`), so independent
+resources its kind declares (:func:`pipeline.executors.task_resources`), so independent
 stages (the targets of a recipe, the models of a device's eval) run at once on whatever
 workers and nodes Ray picks. Each task runs :func:`pipeline.core.runner.run_stage`, the
 code the local executor runs: the store's lock, temp folder, manifest and atomic rename
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.core.executors import ExecutorChoice, task_resources
+from pipeline.executors import ExecutorChoice, task_resources
 from pipeline.core import runner
 from pipeline.core.runner import StageResult, resolve_inputs, run_stage
 from pipeline.core.stage import Stage, StageOutput

@@ -56,17 +56,15 @@ def using(choice: ExecutorChoice | None) -> Iterator[ExecutorChoice | None]:
         _CURRENT.reset(token)
 
 
-def choose(recipe_path: Path, executor: str | None, address: str | None) -> ExecutorChoice:
+def choose(recipe, executor: str | None, address: str | None, where: str = "the recipe") -> ExecutorChoice:
     """The executor for one command: the flag, else the recipe's ``execution.executor``, else local.
+    `recipe` is the typed recipe (pipeline.recipe.Recipe); `where` names it in errors.
 
     An address (``--address``, the recipe's, or ``RAY_ADDRESS``) means a cluster to join; without
     one Ray starts a local cluster in this process's lifetime. Bad values exit 2 naming what is wrong.
     """
-    from pipeline.validation import load_recipe
-
     if executor is not None and executor not in EXECUTORS:
         raise InvalidInput(f"--executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
-    recipe = load_recipe(recipe_path, check_source=False).recipe
     spec = recipe.execution
     name = executor or (spec.executor if spec is not None else "local")
     if name == "local":
@@ -77,7 +75,7 @@ def choose(recipe_path: Path, executor: str | None, address: str | None) -> Exec
     resources = {k: dict(v) for k, v in (spec.resources if spec is not None else {}).items()}
     unknown = [k for k in resources if k not in kinds and k not in GROUPS]
     if unknown:
-        raise InvalidInput(f"{recipe_path}: execution.resources names {', '.join(map(repr, unknown))}, which is not a target of "
+        raise InvalidInput(f"{where}: execution.resources names {', '.join(map(repr, unknown))}, which is not a target of "
                            f"this recipe nor one of {', '.join(GROUPS)}; targets: {', '.join(kinds)}")
     _ray_installed()
     return ExecutorChoice(
@@ -148,3 +146,17 @@ def task_resources(stage, choice: ExecutorChoice, cluster_gpus: float) -> dict:
     if over.get("memory_gb"):
         out["memory"] = int(over["memory_gb"] * 2**30)
     return out
+
+
+def execute(stages, artifacts_dir: Path, log=print, keys: dict[str, str] | None = None, logs_dir: Path | None = None,
+            progress=None, inputs=None):
+    """Run `stages` with the executor chosen by :func:`using` (this process, stage after stage, when
+    none was chosen: the local executor, :func:`pipeline.core.runner.execute`)."""
+    from pipeline.core.runner import execute as execute_here, stage_keys
+
+    chosen = current()
+    if chosen is None or chosen.executor == "local":
+        return execute_here(stages, artifacts_dir, log=log, keys=keys, logs_dir=logs_dir, progress=progress, inputs=inputs)
+    from pipeline.executors.ray_executor import execute_on_ray
+
+    return execute_on_ray(chosen, stages, Path(artifacts_dir), log, keys or stage_keys(stages), logs_dir, progress, inputs or {})
