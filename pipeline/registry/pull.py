@@ -24,7 +24,7 @@ from pipeline.core.report import ArtifactReport, RegistryEntry, Report, merge_re
 from pipeline.core.store import MANIFEST, Store, verify_folder
 from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
 from pipeline.registry import parts as P, promotion
-from pipeline.registry.register import REF_FILE, canonical_version, model_name_for, search_runs
+from pipeline.registry.writes import REF_FILE, canonical_version, model_name_for, search_runs
 from pipeline.registry.tracking import (
     TAG_PREFIX, check_reachable, client as make_client, first_line, is_connection_error, local_db, quiet, tracking_uri_for,
 )

@@ -1,5 +1,10 @@
 """The registration job: report.json -> MLflow runs, metrics, verified uploads, model versions, aliases.
 
+Split by job: this module looks and converges (experiment, build run, versions, runs, the
+merge of every job's part); :mod:`~pipeline.registry.writes` holds the writes that must
+survive parallel jobs, :mod:`~pipeline.registry.upload` the verified uploads,
+:mod:`~pipeline.registry.describe` what runs, versions and the experiment say.
+
 It works from ``report.json`` alone plus the artifact folders it points at, so a CI
 job on any machine can register what build and eval jobs left on disk.
 
@@ -83,89 +88,32 @@ Registering an unchanged report again creates no runs, uploads, versions or metr
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import random
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.core.report import ArtifactReport, RegistryEntry, RegistryInfo, Report, read_report, updating
-from pipeline.core.proc import pid_alive
-from pipeline.core.store import MANIFEST, sha256_file, verify_folder
+from pipeline.core.store import MANIFEST, verify_folder
 from pipeline.errors import InvalidInput, RegistryUnavailable, StageFailed
-from pipeline.registry import cards, parts as P, promotion
+from pipeline.registry import parts as P, promotion
+from pipeline.registry.describe import Describing
+from pipeline.registry.upload import Uploading
+from pipeline.registry.writes import (
+    ARTIFACT_DIR, LEASE_S, MAX_ROUNDS, Writes, artifact_identity, build_identity, canonical_version, model_name_for, recipe_config,
+    search_runs,
+)
 from pipeline.registry.tracking import (
-    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, MAX_BATCH_METRICS, MAX_BATCH_PARAMS_TAGS, MAX_PARAM_VALUE,
-    TAG_PREFIX, check_reachable, client as make_client, first_line, flatten, is_connection_error, is_race, key, local_artifact_root,
-    quiet, quote, retry_races, tag_value, tracking_uri_for, ui_hint,
+    EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, TAG_PREFIX, check_reachable, client as make_client,
+    first_line, flatten, is_connection_error, is_race, key, local_artifact_root, quiet, quote, retry_races,
+    tracking_uri_for, ui_hint,
 )
 
-ARTIFACT_DIR = "artifact"  # the artifact run's folder that a model version's source points at
-REF_FILE = "ARTIFACT_REF.json"
-RECIPE_ARTIFACT = "quantforge/recipe.yaml"  # on the build run
-JOB_TAG = f"{TAG_PREFIX}job"
-LEASE_S = 3600.0
-MAX_ROUNDS = 30
-RACE_ATTEMPTS = 8  # looks again after losing to a parallel job, per step (each loss means that job made progress)
 
-
-def model_name_for(recipe_config: dict, recipe_name: str, artifact: ArtifactReport) -> str:
-    base = (recipe_config.get("registry") or {}).get("model_name") or recipe_name
-    parts = [base, artifact.target] + ([artifact.variant] if artifact.variant else [])
-    return "-".join(str(p) for p in parts)
-
-
-def recipe_config(report: Report) -> dict:
-    """The validated recipe as a dict: report.recipe_config, else re-read from report.recipe_path."""
-    if report.recipe_config:
-        return report.recipe_config
-    if report.recipe_path and Path(report.recipe_path).is_file():
-        from pipeline.validation import load_recipe
-
-        return load_recipe(report.recipe_path, check_source=False).recipe.model_dump(mode="json")
-    raise InvalidInput(f"report for {report.recipe!r} has no recipe_config and its recipe_path {report.recipe_path!r} is not readable")
-
-
-def build_identity(report: Report) -> dict[str, str]:
-    fp = (report.source.fingerprint if report.source else "") or "-"
-    return {f"{TAG_PREFIX}role": "build", f"{TAG_PREFIX}recipe_sha256": report.recipe_sha256 or "-", f"{TAG_PREFIX}source_fingerprint": fp}
-
-
-def artifact_identity(report: Report, a: ArtifactReport) -> dict[str, str]:
-    b = build_identity(report)
-    return {**b, f"{TAG_PREFIX}role": "artifact", f"{TAG_PREFIX}artifact": a.name, f"{TAG_PREFIX}content_sha256": a.content_sha256 or "-"}
-
-
-def search_runs(client: Any, experiment_id: str, tags: dict[str, str]) -> list:
-    """Active runs carrying every tag, oldest first (start_time, then run_id: one total order)."""
-    filt = " and ".join(f"tags.`{k}` = {quote(v)}" for k, v in tags.items())
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filt, max_results=1000, page_token=token)
-        runs += list(page)
-        token = getattr(page, "token", None)
-        if not token:
-            break
-    return sorted(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-
-
-def canonical_version(client: Any, name: str, content_sha256: str):
-    """The lowest active version of a model with this content (None if there is none)."""
-    found = client.search_model_versions(f"name = {quote(name)} and tags.content_sha256 = {quote(content_sha256)}")
-    return min(found, key=lambda v: int(v.version)) if found else None
-
-
-def _nan_equal(a: float | None, b: float) -> bool:
-    return a is not None and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
-
-
-class Registration:
+class Registration(Describing, Uploading, Writes):
     """One registration of one report; holds the client and what it has done."""
 
     def __init__(self, report_path: Path, report: Report, tracking_uri: str, log: Callable[[str], Any]):
@@ -201,87 +149,6 @@ class Registration:
         self.entries: dict[str, RegistryEntry] = {}
 
     # ------------------------------------------------------------ errors
-    def unavailable(self, exc: BaseException) -> RegistryUnavailable:
-        recipe = self.report.recipe_path or str(self.report_path)
-        return RegistryUnavailable(
-            f"MLflow at {self.uri} is unreachable ({first_line(exc)}). Nothing was lost: the results stay on disk in "
-            f"{self.report_path}; start the server (or fix --tracking-uri / MLFLOW_TRACKING_URI) and run "
-            f"`quantforge register {recipe}` again to register them."
-        )
-
-    # ------------------------------------------------------- primitives
-    def _tags(self, run_id: str, have: dict[str, str], tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        todo = [RunTag(key(k), tag_value(v)) for k, v in tags.items() if have.get(key(k)) != tag_value(v)]
-        for i in range(0, len(todo), MAX_BATCH_PARAMS_TAGS):
-            self.client.log_batch(run_id, tags=todo[i: i + MAX_BATCH_PARAMS_TAGS])
-
-    def _metrics(self, run_id: str, have: dict[str, float], metrics: dict[str, float], step: int) -> None:
-        """Log only values that changed, at `step` (so a re-run adds no points, and the fullest merge is the latest)."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        todo = [Metric(k, v, now, step) for k, v in metrics.items() if not _nan_equal(have.get(k), v)]
-        for i in range(0, len(todo), MAX_BATCH_METRICS):
-            self.client.log_batch(run_id, metrics=todo[i: i + MAX_BATCH_METRICS])
-        self.counts["metrics_logged"] += len(todo)
-
-    def _params(self, run, params: dict[str, str]) -> list[str]:
-        """Log params not yet on the run (params are immutable in MLflow); return the keys truncated."""
-        from mlflow.entities import Param
-
-        truncated, todo = [], []
-        for k, v in params.items():
-            k = key(k)
-            if len(v) > MAX_PARAM_VALUE:
-                truncated.append(k)
-                v = v[: MAX_PARAM_VALUE - 14] + "...[truncated]"
-            if k not in run.data.params:
-                todo.append(Param(k, v))
-        for i in range(0, len(todo), MAX_BATCH_PARAMS_TAGS):
-            retry_races(self.client.log_batch, run.info.run_id, params=todo[i: i + MAX_BATCH_PARAMS_TAGS])
-        return truncated
-
-    def _create_run(self, experiment_id: str, name: str, tags: dict[str, str]):
-        run = self.client.create_run(experiment_id, tags={**tags, JOB_TAG: self.job}, run_name=name)
-        self.mine.add(run.info.run_id)
-        self.counts["runs_created"] += 1
-        return run
-
-    def _delete_run(self, run_id: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.delete_run(run_id)
-        except MlflowException as exc:
-            if is_connection_error(exc):
-                raise
-            # already deleted by another job: the same outcome
-
-    def _finish(self, run) -> None:
-        from mlflow.exceptions import MlflowException
-
-        if run.info.status != "FINISHED":
-            try:
-                self.client.set_terminated(run.info.run_id, "FINISHED")
-            except MlflowException as exc:
-                if is_connection_error(exc):
-                    raise
-
-    def _stale(self, run) -> bool:
-        """Left by a registration that is over: it failed, or its process is gone, or its lease ran out."""
-        if run.info.run_id in self.mine:
-            return False
-        if run.info.status in ("FAILED", "KILLED", "FINISHED"):
-            return True
-        host, _, rest = (run.data.tags.get(JOB_TAG) or "").partition(":")
-        pid = rest.partition(":")[0]
-        if host == self.host and pid.isdigit() and not pid_alive(int(pid)):
-            return True
-        return (time.time() * 1000 - (run.info.start_time or 0)) > self.lease_s * 1000
-
-    # ------------------------------------------------------- experiment
     def experiment(self) -> str:
         from mlflow.entities import LifecycleStage
         from mlflow.exceptions import MlflowException
@@ -457,59 +324,6 @@ class Registration:
                 self._delete_run(r.info.run_id)
                 self.log(f"register: {a.name}: removed run {r.info.run_id} ({r.info.status.lower()}, no model version: a duplicate or an abandoned upload)")
 
-    def upload(self, run, a: ArtifactReport, folder: Path) -> bool:
-        """Put the artifact files (or a reference) under <run>/artifact; returns True for a reference."""
-        limit_mb = float(self.spec.upload_max_mb)
-        size = a.bytes if a.bytes is not None else sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-        if size > limit_mb * 2**20:
-            with tempfile.TemporaryDirectory(prefix="qf-ref-") as tmp:
-                stub = Path(tmp)
-                shutil.copy2(folder / MANIFEST, stub / MANIFEST)
-                if (folder / "README.md").is_file():
-                    shutil.copy2(folder / "README.md", stub / "README.md")
-                (stub / REF_FILE).write_text(json.dumps({
-                    "store_path": str(folder), "bytes": size, "content_sha256": a.content_sha256,
-                    "reason": f"{size / 2**20:.3g} MB is above registry.upload_max_mb={limit_mb:g}; files stay in the store",
-                }, indent=2))
-                self.client.log_artifacts(run.info.run_id, str(stub), ARTIFACT_DIR)
-            ref = f"{folder} ({size / 2**20:.3g} MB > upload_max_mb {limit_mb:g}): manifest and reference uploaded, files not"
-            self._tags(run.info.run_id, {}, {f"{TAG_PREFIX}artifact_ref": ref})
-            run.data.tags[f"{TAG_PREFIX}artifact_ref"] = ref
-            self.counts["uploads"] += 1
-            self.log(f"register: {a.name}: {size / 2**20:.3g} MB over upload_max_mb={limit_mb:g}; logged a reference to {folder}")
-            return True
-        self.log(f"register: {a.name}: uploading {size / 2**20:.2f} MB")
-        self.client.log_artifacts(run.info.run_id, str(folder), ARTIFACT_DIR)
-        self.counts["uploads"] += 1
-        return False
-
-    def verify(self, run, a: ArtifactReport, folder: Path, manifest: dict, referenced: bool) -> None:
-        """Download <run>/artifact back and compare every file's sha256 with the manifest (MLflow issue 18581)."""
-        import mlflow.artifacts
-
-        source = f"{run.info.artifact_uri}/{ARTIFACT_DIR}"
-        # Download beside the report, not in /tmp: artifacts can be GBs and /tmp may be small.
-        with tempfile.TemporaryDirectory(prefix=".verify-", dir=self.report_path.parent) as tmp:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=self.uri))
-            problems = []
-            if not (got / MANIFEST).is_file() or sha256_file(got / MANIFEST) != sha256_file(folder / MANIFEST):
-                problems.append(f"{MANIFEST} missing or different")
-            if referenced:
-                have = sorted(p.name for p in got.iterdir())
-                want = sorted({MANIFEST, REF_FILE} | ({"README.md"} if (folder / "README.md").is_file() else set()))
-                if have != want:
-                    problems.append(f"the reference holds {have}, expected {want}")
-                elif (got / "README.md").is_file() and sha256_file(got / "README.md") != sha256_file(folder / "README.md"):
-                    problems.append("README.md did not arrive intact")
-            else:
-                problems += [p.replace("changed since it was stored (sha256 differs)", "sha256 differs from the manifest")
-                             for p in verify_folder(got, manifest)]
-        if problems:
-            raise StageFailed(f"{a.name}: the uploaded artifact at {source} does not match its manifest: " + "; ".join(problems[:10])
-                              + "; no model version was created")
-        self.log(f"register: {a.name}: download verified ({len(manifest.get('files', []))} files match the manifest)")
-
-    # ------------------------------------------------------ convergence
     def view(self, parent) -> tuple[list[str], Report]:
         run_id = parent.info.run_id
         names, merged = P.merged_view(self.client, run_id, lambda n: self.parts.get(run_id, n), self.log, "register")
@@ -599,224 +413,6 @@ class Registration:
         self._write_view(parent, merged, experiment_id)
         self._log_files(parent)
 
-    def _metric_keys(self, merged: Report) -> dict[str, list[str]]:
-        """device -> metric names measured there for any model, so every run logs the same keys."""
-        keys: dict[str, list[str]] = {}
-        for device in cards.devices_of(merged):
-            names: dict[str, None] = {}
-            for ev in [merged.baseline.get(device), *(a.evals.get(device) for a in merged.built())]:
-                if ev is not None:
-                    names.update(dict.fromkeys(cards.entry_values(ev)))
-            keys[device] = list(names)
-        return keys
-
-    @staticmethod
-    def _device_metrics(evals: dict, keys: dict[str, list[str]] | None) -> dict[str, float]:
-        """``<device>.<metric>``; with `keys`, every key measured for any model there (NaN where
-        this one has no value), so the compare and chart views line up across formats."""
-        out: dict[str, float] = {}
-        for device in (keys if keys is not None else evals):
-            ev = evals.get(device)
-            values = cards.entry_values(ev) if ev is not None else {}
-            for n in (keys[device] if keys is not None else values):
-                out[key(f"{device}.{n}")] = values.get(n, float("nan"))
-        return out
-
-    def _eval_tags(self, evals: dict, prefix: str) -> dict[str, str]:
-        tags: dict[str, str] = {}
-        for device, ev in evals.items():
-            p = f"{prefix}.{device}" if prefix else device
-            # Every field, "-" when unset: tags cannot be removed by a later view, only overwritten.
-            tags[f"{p}.status"] = ev.status
-            for field in ("runtime", "speed_runtime", "fingerprint", "reason", "speed_reason", "tasks_reason"):
-                tags[f"{p}.{field}"] = tag_value(getattr(ev, field))
-            tags[f"{p}.dequantized"] = "-" if ev.dequantized is None else str(ev.dequantized).lower()
-        return tags
-
-    def _describe_run(self, run, parent, merged: Report, a: ArtifactReport, name: str, version: str, keys: dict, step: int) -> None:
-        ident = artifact_identity(merged, a)
-        tags = {
-            **ident,
-            "mlflow.parentRunId": parent.info.run_id,
-            f"{TAG_PREFIX}registered_model": name,
-            f"{TAG_PREFIX}model_version": version,
-            f"{TAG_PREFIX}source_model": merged.source.model if merged.source else "-",
-            **promotion.gate_tags(a),
-            **self._eval_tags(a.evals, "eval"),
-            **{f"{TAG_PREFIX}recommended.{d}": str(v).lower() for d, v in promotion.recommended_on(merged, a.name).items()},
-            **self.user_tags,
-        }
-        self._tags(run.info.run_id, run.data.tags, tags)
-        metrics = self._device_metrics(a.evals, keys)
-        if a.bytes is not None:
-            metrics["size_mib"] = round(a.bytes / 2**20, 3)
-        self._metrics(run.info.run_id, run.data.metrics, metrics, step)
-        excerpt = {
-            "recipe": merged.recipe, "recipe_sha256": merged.recipe_sha256,
-            "source": merged.source.model_dump(mode="json", exclude={"config", "path"}) if merged.source else None,
-            "baseline": {d: e.model_dump(mode="json") for d, e in merged.baseline.items()},
-            "devices": {d: i.model_dump(mode="json") for d, i in merged.devices.items()},
-            "recommendations": {d: r.model_dump(mode="json") for d, r in merged.recommendations.items()},
-            "artifact": a.model_dump(mode="json", exclude={"registry", "path"}),
-        }
-        self._upload_json(run, excerpt, "quantforge/report_excerpt.json", f"{TAG_PREFIX}excerpt_sha256")
-        self._finish(run)
-
-    def _upload_json(self, run, data: Any, path: str, tag: str) -> None:
-        self._upload_text(run, json.dumps(data, indent=2, sort_keys=True, default=str), path, tag)
-
-    def _upload_text(self, run, text: str, path: str, tag: str) -> None:
-        """A file on the run, uploaded again only when its content changes (its digest is a tag)."""
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        if run.data.tags.get(tag) == digest:
-            return
-        with tempfile.TemporaryDirectory(prefix="qf-json-") as tmp:
-            f = Path(tmp) / Path(path).name
-            f.write_text(text)
-            self.client.log_artifact(run.info.run_id, str(f), str(Path(path).parent))
-        self._tags(run.info.run_id, {}, {tag: digest})
-
-    def _describe_version(self, mv, merged: Report, a: ArtifactReport, held: dict[str, str]) -> None:
-        src = merged.source
-        tags = {
-            "content_sha256": a.content_sha256, "artifact": a.name, "target": a.target, "kind": a.kind, "variant": a.variant or "-",
-            "format": a.format or "-", "bits": tag_value(a.bits), "group_size": tag_value(a.group_size),
-            "runtimes": ",".join(a.runtimes) or "-", "bytes": tag_value(a.bytes), "size_mib": f"{(a.bytes or 0) / 2**20:.2f}",
-            "recipe": merged.recipe, "recipe_sha256": merged.recipe_sha256 or "-",
-            "source_model": src.model if src else "-", "source_revision": src.revision if src else "-",
-            "source_commit": (src.commit if src else None) or "-",
-            **promotion.gate_tags(a),
-            **{f"recommended.{d}": str(v).lower() for d, v in promotion.recommended_on(merged, a.name).items()},
-            **self.user_tags,
-        }
-        for device, ev in a.evals.items():
-            for k, v in cards.entry_values(ev).items():
-                tags[f"{device}.{k}"] = repr(v)
-            tags[f"{device}.runtime"] = tag_value(ev.runtime)
-            tags[f"{device}.status"] = ev.status
-        have = mv.tags or {}
-        if a.kind == "gguf" and not have.get("gguf_file"):  # a version registered before the tag existed
-            import mlflow.artifacts
-
-            names = [Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=mv.source, tracking_uri=self.uri)]
-            gguf = next((n for n in names if n.endswith(".gguf")), None)
-            if gguf:
-                tags["gguf_file"] = gguf
-        for k, v in tags.items():
-            k, v = key(k), tag_value(v)
-            if have.get(k) != v:
-                retry_races(self.client.set_model_version_tag, mv.name, str(mv.version), k, v)
-        desc = cards.version_description(merged, a, mv.name, str(mv.version), self.uri, self.spec.promotion_alias,
-                                         tags.get("gguf_file") or have.get("gguf_file"), held)
-        if (mv.description or "") != desc:
-            self.client.update_model_version(mv.name, str(mv.version), description=desc)
-
-    def _describe_build(self, parent, merged: Report, keys: dict, step: int) -> None:
-        from pipeline import __version__
-
-        r, src = merged, merged.source
-        truncated = self._params(parent, flatten(self.config))
-        tags = {
-            **build_identity(r),
-            f"{TAG_PREFIX}recipe": r.recipe,
-            f"{TAG_PREFIX}recipe_path": r.recipe_path or "-",
-            f"{TAG_PREFIX}version": r.quantforge_version or __version__,
-            f"{TAG_PREFIX}git_commit": r.git_commit or "-",
-            f"{TAG_PREFIX}source_model": src.model if src else "-",
-            f"{TAG_PREFIX}source_revision": src.revision if src else "-",
-            f"{TAG_PREFIX}source_commit": (src.commit if src else None) or "-",
-            **{f"tool.{k}": v for k, v in r.tools.items()},
-            **self.user_tags,
-            "mlflow.note.content": cards.build_note(r),
-            **{f"{TAG_PREFIX}recommended.{d}": rec.artifact or "none" for d, rec in r.recommendations.items()},
-        }
-        if truncated:
-            tags[f"{TAG_PREFIX}params_truncated"] = f"values over {MAX_PARAM_VALUE} chars cut: " + ", ".join(truncated)
-        for device, info in r.devices.items():
-            tags[f"device.{device}.status"] = info.status
-            tags[f"device.{device}.fingerprint"] = tag_value(info.fingerprint_hash)
-            tags[f"device.{device}.reason"] = tag_value(info.reason)
-        tags.update(self._eval_tags(r.baseline, "baseline"))
-        self._tags(parent.info.run_id, parent.data.tags, tags)
-        self._metrics(parent.info.run_id, parent.data.metrics, self._device_metrics(r.baseline, None), step)
-        # The recipe as validated (defaults filled in): the same bytes for every job of this build
-        # run, whose identity includes its sha256.
-        import yaml
-
-        self._upload_text(parent, yaml.safe_dump(self.config, sort_keys=False, allow_unicode=True), RECIPE_ARTIFACT, f"{TAG_PREFIX}recipe_yaml_sha256")
-
-    def _describe_experiment(self, experiment_id: str, parent, merged: Report) -> None:
-        """The experiment's description (what MLflow shows above its runs, by default): the
-        formats side by side per device, of the build registered last."""
-        note = cards.build_note(merged) + f"\n\nBuild run: `{parent.info.run_id}`."
-        exp = self.client.get_experiment(experiment_id)
-        if (exp.tags or {}).get("mlflow.note.content") != note:
-            retry_races(self.client.set_experiment_tag, experiment_id, "mlflow.note.content", note)
-
-    def _held(self, models: list[str], moves: list) -> dict[str, dict[str, str]]:
-        """model -> {alias: version} it holds: the ones this policy decides from the plan, the
-        others (a person's @champion, say) as MLflow holds them."""
-        from mlflow.exceptions import MlflowException
-
-        governed = {(m.model, m.alias): m.version for m in moves} if promotion.promotion_enabled() else {}
-        out: dict[str, dict[str, str]] = {}
-        for name in models:
-            try:
-                held: dict[str, str | None] = {k: str(v) for k, v in (self.client.get_registered_model(name).aliases or {}).items()}
-            except MlflowException:
-                held = {}
-            for (model, alias), v in governed.items():
-                if model == name:
-                    held[alias] = v
-            out[name] = {k: v for k, v in held.items() if v is not None}
-        return out
-
-    def _entries(self, merged: Report, versions: dict, runs: dict, held: dict[str, dict[str, str]]) -> dict[str, RegistryEntry]:
-        """Where each artifact is registered, with the aliases its version holds."""
-        out = {}
-        for a in merged.built():
-            if a.name not in versions:
-                continue
-            name, version = versions[a.name]
-            aliases = sorted(al for al, v in held.get(name, {}).items() if v == version)
-            run = runs.get(a.name)
-            out[a.name] = RegistryEntry(name=name, version=version, uri=f"models:/{name}/{version}",
-                                        run_id=run.info.run_id if run is not None else None, aliases=aliases)
-        return out
-
-    def _write_view(self, parent, merged: Report, experiment_id: str) -> None:
-        view = merged.model_copy(deep=True)
-        for a in view.artifacts:
-            a.registry = self.entries.get(a.name)
-        view.registry = RegistryInfo(tracking_uri=self.uri, experiment_id=experiment_id, experiment_name=view.recipe, parent_run_id=parent.info.run_id)
-        text = json.dumps(view.model_dump(mode="json"), indent=2, default=str)
-        from pipeline.core.report import report_digest
-
-        digest = report_digest(view)
-        if parent.data.tags.get(P.REPORT_TAG) != digest:
-            with tempfile.TemporaryDirectory(prefix="qf-report-") as tmp:
-                f = Path(tmp) / Path(P.REPORT_ARTIFACT).name
-                f.write_text(text)
-                self.client.log_artifact(parent.info.run_id, str(f), str(Path(P.REPORT_ARTIFACT).parent))
-            self._tags(parent.info.run_id, {}, {P.REPORT_TAG: digest})
-            registered = [a.name for a in view.artifacts if a.registry]
-            self.log(f"register: merged report.json on build run {parent.info.run_id}: {', '.join(registered) or 'no'} artifact(s) registered so far")
-
-    def _log_files(self, parent) -> None:
-        """Plots and the HTML report next to report.json, on the build run; again only when they change."""
-        files = sorted(p for p in self.report_path.parent.iterdir() if p.is_file() and p.suffix in (".png", ".html"))
-        if not files:
-            return
-        h = hashlib.sha256()
-        for p in files:
-            h.update(f"{p.name}\0{sha256_file(p)}\n".encode())
-        if parent.data.tags.get(f"{TAG_PREFIX}plots_sha256") == h.hexdigest():
-            return
-        for p in files:
-            self.client.log_artifact(parent.info.run_id, str(p), "plots" if p.suffix == ".png" else None)
-        self._tags(parent.info.run_id, {}, {f"{TAG_PREFIX}plots_sha256": h.hexdigest()})
-
-    # ------------------------------------------------------------- the job
     def run(self) -> None:
         try:
             check_reachable(self.client)
@@ -842,22 +438,6 @@ class Registration:
                 self.failures.append(str(exc))
         self.converge(exp, P.part_of(self.report))
         self._finish(self.client.get_run(self.parent_id))
-
-    def racing(self, what: str, step: Callable[[], Any]) -> Any:
-        """Run a step that looks at the registry and then writes to it, again from the look when a
-        parallel job changed what it wrote to in between (see tracking.is_race): each step starts by
-        reading what the registry holds, so a repeat adopts what the other job left."""
-        for attempt in range(RACE_ATTEMPTS):
-            try:
-                return step()
-            except Exception as exc:  # noqa: BLE001 - re-raised unless a parallel job caused it
-                if not is_race(exc) or attempt == RACE_ATTEMPTS - 1:
-                    raise
-                self.counts["races"] += 1
-                self.log(f"register: {what}: a parallel job changed the registry meanwhile ({first_line(exc)}); looking again")
-                time.sleep(min(2.0, 0.1 * 2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
-
 
 def register_report(report_path: Path, tracking_uri: str | None = None, log: Callable[[str], Any] = print) -> Report:
     """Register report.json's built artifacts in MLflow and record where they went in the report.
