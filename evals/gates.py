@@ -1,7 +1,7 @@
 """Gates: may an artifact be promoted? Per recipe, with per-target overrides.
 
 Thresholds come from ``Recipe.gates_for(target)``. Every check runs on every
-required device (``gates.required_devices``, else ``pipeline.backends.devices``), on the
+required device (``gates.required_devices``, else ``evals.devices``), on the
 device's flat metrics (:class:`pipeline.core.report.Metrics`):
 
 * ``delta_ppl_pct``       <= ``max_perplexity_increase_pct``
@@ -88,7 +88,7 @@ def failed_checks(gates: GateResult | None) -> list[str]:
 
 
 def required_devices(recipe) -> list[str]:
-    return list(recipe.gates.required_devices or recipe.pipeline.backends.devices)
+    return list(recipe.gates.required_devices or recipe.evals.devices)
 
 
 def judge(report, recipe) -> None:

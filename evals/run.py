@@ -154,7 +154,7 @@ def evaluate(loaded: LoadedRecipe, artifacts_dir: Path, device: str = "auto", lo
         raise InvalidInput(f"no build report with a source model at {rpath}: run `quantforge build` first")
     if not Path(report.source.path).is_dir():
         raise InvalidInput(f"the source model folder {report.source.path} named in {rpath} is missing: run `quantforge build` again")
-    now, pending = resolve_devices(device, recipe.pipeline.backends.devices)
+    now, pending = resolve_devices(device, recipe.evals.devices)
     changed = changed_artifacts(report)
     for name, why in changed.items():
         log(f"[eval] {name}: NOT evaluated, its stored files changed since the build: {why}")

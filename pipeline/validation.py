@@ -69,8 +69,8 @@ def cross_field_problems(loaded: LoadedRecipe) -> list[Problem]:
         if t.needs_calibration() and recipe.calibration is None:
             problems.append(loaded.problem(("targets", i, "kind"), f"target {t.name!r} ({t.kind}) needs calibration data: add a `calibration:` section (e.g. `calibration: {{dataset: builtin}}`)"))
     for j, d in enumerate(recipe.gates.required_devices or []):
-        if d not in recipe.pipeline.backends.devices:
-            problems.append(loaded.problem(("gates", "required_devices", j), f"device {d!r} is not in pipeline.backends.devices {recipe.pipeline.backends.devices}"))
+        if d not in recipe.evals.devices:
+            problems.append(loaded.problem(("gates", "required_devices", j), f"device {d!r} is not in evals.devices {recipe.evals.devices}"))
     return problems
 
 

@@ -66,7 +66,7 @@ def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str,
     recipe = loaded.recipe
     report = read_report(report_path(artifacts_dir, recipe.name))
     built_keys = stage_keys(plan.stages)
-    now, pending = resolve_devices(device, recipe.pipeline.backends.devices)
+    now, pending = resolve_devices(device, recipe.evals.devices)
     artifacts = [(s.artifact.name, built_keys[s.name]) for s in plan.stages if s.artifact and (not targets or s.target in targets)]
     rows = []
     for d in now:

@@ -34,9 +34,9 @@ It adds ``reason`` and ``promote`` (``true`` only on the default branch and on
 
 One build job per (recipe, target), on the runner labels of the runner class the
 target's kind declares (``ci_runner`` in ``pipeline/targets/<kind>/__init__.py``);
-one eval job per (recipe, device in ``pipeline.backends.devices``), on the device's labels.
+one eval job per (recipe, device in ``evals.devices``), on the device's labels.
 The labels come from ``.github/runners.yml`` (the only place they are written).
-Recipes are read with quantforge's own loader, so defaults (``pipeline.backends.devices``
+Recipes are read with quantforge's own loader, so defaults (``evals.devices``
 is ``[cpu]`` when unset) are the product's. Exit 2 on an invalid recipe, an
 unknown target kind, or a matrix over GitHub's 256-job limit.
 """
@@ -215,15 +215,15 @@ def make_matrices(recipe_paths: list[Path], runners: dict) -> dict[str, Any]:
             problems.append(f"{rel}: recipe name {recipe.name!r} is also used by {seen_names[recipe.name]} (one report and experiment per name)")
             continue
         seen_names[recipe.name] = rel
-        required = list(recipe.gates.required_devices or recipe.pipeline.backends.devices)
-        entry = {"recipe": rel, "name": recipe.name, "devices": list(recipe.pipeline.backends.devices), "required_devices": required}
+        required = list(recipe.gates.required_devices or recipe.evals.devices)
+        entry = {"recipe": rel, "name": recipe.name, "devices": list(recipe.evals.devices), "required_devices": required}
         recipes.append(entry)
         for t in recipe.targets:
             try:
                 builds.append({"recipe": rel, "name": recipe.name, "target": t.name, "kind": t.kind, "runs_on": build_labels(runners, t.kind)})
             except MatrixError as exc:
                 problems.append(f"{rel}: targets.{t.name}: {exc}")
-        for d in recipe.pipeline.backends.devices:
+        for d in recipe.evals.devices:
             evals.append({"recipe": rel, "name": recipe.name, "device": d, "runs_on": eval_labels(runners, d)})
         if len(required) > 1:
             # Parallel eval jobs can't see each other's results: one job after all of them

@@ -193,7 +193,7 @@ def test_matrix_of_the_shipped_recipes_splits_targets_by_kind():
             assert e["runs_on"] == runners["build"]["classes"][ci_runner_classes()[e["kind"]]]
             assert e["recipe"] == f"recipes/{path.name}"
         evals = [e for e in result["eval"]["include"] if e["name"] == recipe.name]
-        assert [e["device"] for e in evals] == list(recipe.pipeline.backends.devices)
+        assert [e["device"] for e in evals] == list(recipe.evals.devices)
     demo = {e["kind"]: e["runs_on"] for e in result["build"]["include"] if e["name"] == "demo"}
     assert demo["gguf"] == "ubuntu-latest"
     for kind in ("gptq", "awq", "fp8", "tensorrt"):

@@ -57,7 +57,7 @@ def variant(base: Report, name: str, *, devices: list[str] | None = None, gates:
     recipe = Recipe.model_validate(cfg)
     r.recipe, r.recipe_config, r.recipe_sha256 = name, recipe.model_dump(mode="json"), recipe.sha256()
     r.recipe_path = f"recipes/{name}.yaml"
-    for d in recipe.pipeline.backends.devices:
+    for d in recipe.evals.devices:
         if d not in r.devices:
             r.devices[d] = DeviceInfo(status="pending", reason="no such device on this machine; evaluate it on one that has it")
             r.baseline[d] = EvalEntry(status="pending")
