@@ -1,14 +1,15 @@
 """A/B of quantization settings at about equal bits: build, evaluate, tabulate.
 
     python benchmarks/quality_ab.py recipes/demo-search.yaml [--targets a,b,...] [--jobs N]
-        [--artifacts-dir artifacts] [--out results.md]
+        [--samples N] [--artifacts-dir artifacts] [--out results.md]
 
 Runs quantforge's own commands, so the numbers are those of `quantforge run`: each
 selected target is built with `quantforge build --target` (up to --jobs at once, one
 CPU thread each: QUANTFORGE_THREADS=1, OMP_NUM_THREADS=1), then `quantforge eval
 --device cpu` evaluates the source and every artifact on the recipe's text. Builds
 are cached by the store, so a rerun only evaluates. With --targets, the recipe is
-rewritten with only those targets (same stage keys) into the artifacts folder.
+rewritten with only those targets (same stage keys) into the artifacts folder; with
+--samples, with that many calibration samples, under the name NAME-sN.
 
 The table gives linear-layer bits per weight counted from the files (every quantized
 Linear's stored bytes, scales and zero points included, over its weights; lm_head and
@@ -33,10 +34,16 @@ REPO = Path(__file__).resolve().parent.parent
 LINEAR_GGUF = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
 
 
-def quantforge(*args: str, env: dict | None = None, log: Path | None = None) -> int:
+def quantforge(*args: str, env: dict | None = None, log: Path | None = None) -> tuple[int, float]:
+    """Run one quantforge command; (exit code, CPU seconds of it and the processes it waited for)."""
     cmd = [sys.executable, "-m", "pipeline.cli.main", *args]
     with open(log, "w") if log else open(os.devnull, "w") as out:
-        return subprocess.run(cmd, cwd=REPO, env=env, stdout=out if log else None, stderr=subprocess.STDOUT if log else None).returncode
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out if log else None, stderr=subprocess.STDOUT if log else None)
+        # wait4: this child's own CPU time (its verifier and converter children included), which
+        # a loaded machine stretches far less than wall time.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def linear_bpw_compressed(folder: Path) -> float | None:
@@ -91,15 +98,21 @@ def method(config: dict) -> str:
     return f"{config['kind']}" + (f" ({levers})" if levers else "")
 
 
-def table(report: dict, configs: dict[str, dict], build_s: dict[str, float]) -> str:
+def table(report: dict, configs: dict[str, dict], build_s: dict[str, float], cpu_s: dict[str, float]) -> str:
     base = report.get("baseline", {}).get("cpu", {}).get("metrics", {})
     lines = [
         f"source perplexity {base.get('perplexity', float('nan')):.3f} "
-        f"({report.get('baseline', {}).get('cpu', {}).get('accuracy', {}).get('scored_tokens', '?')} scored tokens)",
+        f"({report.get('baseline', {}).get('cpu', {}).get('accuracy', {}).get('tokens_scored', '?')} scored tokens)",
         "",
-        "| artifact | method | linear bpw | Δppl % (± s.e.) | KL mean | top-1 % | build s |",
-        "|---|---|---|---|---|---|---|",
+        "| artifact | method | linear bpw | Δppl % (± s.e.) | KL mean | top-1 % | build wall s | build CPU s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    def wall(a: dict) -> str:  # the stage's own time, recorded by the store when it was built
+        return "-" if a.get("build_seconds") is None else f"{a['build_seconds']:.0f}"
+
+    def cpu(target: str) -> str:  # measured only when this invocation built it (a cache hit takes seconds)
+        return f"{cpu_s[target]:.0f}" if build_s.get(target, 0) > 30 else "-"
+
     rows = []
     for a in report.get("artifacts", []):
         if a["target"] not in configs:
@@ -113,7 +126,7 @@ def table(report: dict, configs: dict[str, dict], build_s: dict[str, float]) -> 
         top1 = m.get("top1_agreement_pct")
         rows.append((bpw or 99, f"| {a['name']} | {method(configs[a['target']])} | {bpw:.2f} |" if bpw else f"| {a['name']} | {method(configs[a['target']])} | - |",
                      f" {dtxt} | {'-' if kl is None else f'{kl:.3f}'} | {'-' if top1 is None else f'{top1:.1f}'} | "
-                     f"{build_s.get(a['target'], a.get('build_seconds') or float('nan')):.0f} |"))
+                     f"{wall(a)} | {cpu(a['target'])} |"))
     for _, head, tail in sorted(rows, key=lambda r: r[0]):
         lines.append(head + tail)
     return "\n".join(lines)
@@ -126,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="builds at once (each on one thread)")
     ap.add_argument("--artifacts-dir", type=Path, default=REPO / "artifacts")
     ap.add_argument("--out", type=Path, help="also write the table here")
+    ap.add_argument("--samples", type=int, help="override calibration.samples (the recipe is renamed NAME-sN)")
     ap.add_argument("--no-eval", action="store_true", help="build only")
     args = ap.parse_args(argv)
 
@@ -139,22 +153,26 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = args.artifacts_dir.resolve()
     artifacts.mkdir(parents=True, exist_ok=True)
     path = args.recipe.resolve()
-    if wanted:
-        recipe["targets"] = [t for t in recipe["targets"] if t["name"] in wanted]
+    if args.samples:
+        recipe["calibration"]["samples"] = args.samples
+        recipe["name"] = f"{recipe['name']}-s{args.samples}"
+    if wanted or args.samples:
+        recipe["targets"] = [t for t in recipe["targets"] if not wanted or t["name"] in wanted]
         path = artifacts / f"ab-{recipe['name']}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     configs = {t["name"]: t for t in recipe["targets"]}
-    logs = artifacts / "ab-logs"
-    logs.mkdir(exist_ok=True)
+    logs = artifacts / "ab-logs" / recipe["name"]
+    logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "QUANTFORGE_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     build_s: dict[str, float] = {}
+    cpu_s: dict[str, float] = {}
 
     def build(name: str) -> tuple[str, int]:
         t = time.perf_counter()
-        rc = quantforge("build", str(path), "--target", name, "--artifacts-dir", str(artifacts), env=env, log=logs / f"{name}.log")
+        rc, cpu_s[name] = quantforge("build", str(path), "--target", name, "--artifacts-dir", str(artifacts), env=env, log=logs / f"{name}.log")
         build_s[name] = time.perf_counter() - t
-        print(f"[ab] build {name}: rc {rc} in {build_s[name]:.0f} s", flush=True)
+        print(f"[ab] build {name}: rc {rc}, {build_s[name]:.0f} s wall, {cpu_s[name]:.0f} s CPU (a cached build: ~0)", flush=True)
         return name, rc
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -164,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_eval:
         return 1 if failed else 0
     t = time.perf_counter()
-    rc = quantforge("eval", str(path), "--device", "cpu", "--artifacts-dir", str(artifacts), env=env, log=logs / "eval.log")
+    rc, _ = quantforge("eval", str(path), "--device", "cpu", "--artifacts-dir", str(artifacts), env=env, log=logs / "eval.log")
     print(f"[ab] eval: rc {rc} in {time.perf_counter() - t:.0f} s", flush=True)
     report = json.loads((artifacts / recipe["name"] / "report.json").read_text())
-    text = table(report, configs, build_s)
+    text = table(report, configs, build_s, cpu_s)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

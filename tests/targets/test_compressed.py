@@ -138,7 +138,8 @@ def test_int4_groups_have_at_most_16_levels_and_lm_head_is_untouched(built, mini
     ("w4-awq-gptq/quantize", ["AWQModifier", "GPTQModifier"], {"observer": "memoryless_mse", "actorder": "static", "symmetric": False, "group_size": 64},
      {"duo_scaling": "both", "n_grid": 4}),
     ("w4-autoround/quantize", ["AutoRoundModifier"], {"symmetric": False, "group_size": 128}, {"iters": 4, "batch_size": 4}),
-    ("w4-gptq/quantize", ["GPTQModifier"], {"observer": "minmax", "actorder": None, "symmetric": True}, {"block_size": 128}),
+    # the defaults: min-max scales, activation order by weight
+    ("w4-gptq/quantize", ["GPTQModifier"], {"observer": "minmax", "actorder": "weight", "symmetric": True}, {"block_size": 128}),
 ])
 def test_recipe_levers_reach_llm_compressor_and_the_saved_config(built, stage, modifiers, weights, modifier_args):
     """The levers are in the recipe llm-compressor ran (its own recipe.yaml) and in the config vLLM reads."""

@@ -126,8 +126,10 @@ class _IntWeightTarget(TargetBase):
 class GptqSettings(Strict):
     """GPTQ's own levers, with llm-compressor's ``GPTQModifier`` names and defaults."""
 
-    #: column order: ``weight`` (alias ``static``) or ``none``
-    actorder: str = "none"
+    #: column order: ``weight`` (alias ``static``) or ``none``. ``weight`` by default, as in
+    #: llm-compressor: on the demo model it took GPTQ W4A16 group 64 from +24 % perplexity to
+    #: +14-16 % at no cost in format or speed (README, "GPTQ, AWQ, FP8").
+    actorder: str = "weight"
     #: columns GPTQ updates in one pass
     block_size: int = Field(128, ge=1, le=65536)
     #: Hessian dampening, as a fraction of its mean diagonal
