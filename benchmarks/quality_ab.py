@@ -104,7 +104,7 @@ def table(report: dict, configs: dict[str, dict], build_s: dict[str, float], cpu
         f"source perplexity {base.get('perplexity', float('nan')):.3f} "
         f"({report.get('baseline', {}).get('cpu', {}).get('accuracy', {}).get('tokens_scored', '?')} scored tokens)",
         "",
-        "| artifact | method | linear bpw | Δppl % (± s.e.) | KL mean | top-1 % | build wall s | build CPU s |",
+        "| artifact | method | linear bpw | Δppl % (± s.e.) | KL mean | top-1 % | stage wall s | target build CPU s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     def wall(a: dict) -> str:  # the stage's own time, recorded by the store when it was built
