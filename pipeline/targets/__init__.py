@@ -25,6 +25,7 @@ from pipeline.targets.base import ArtifactFormat, KindDeclaration
 KINDS: dict[str, str] = {
     "gptq": "pipeline.targets.compressed:GPTQ",
     "awq": "pipeline.targets.compressed:AWQ",
+    "autoround": "pipeline.targets.compressed:AUTOROUND",
     "fp8": "pipeline.targets.compressed:FP8",
     "gguf": "pipeline.targets.gguf:GGUF",
     "tensorrt": "pipeline.targets.tensorrt:TENSORRT",

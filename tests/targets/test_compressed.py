@@ -22,6 +22,9 @@ TARGETS = """\
   - {name: w4-awq, kind: awq, bits: 4, group_size: 128}
   - {name: fp8-dyn, kind: fp8, scheme: dynamic}
   - {name: fp8-static, kind: fp8, scheme: static, kv_cache: true}
+  - {name: w4-gptq-levers, kind: gptq, group_size: 64, symmetric: false, actorder: weight, observer: mse, block_size: 64, dampening_frac: 0.05}
+  - {name: w4-awq-gptq, kind: awq, group_size: 64, n_grid: 4, duo_scaling: both, observer: memoryless_mse, gptq: {actorder: static}}
+  - {name: w4-autoround, kind: autoround, group_size: 128, symmetric: false, iters: 4, batch_size: 4}
 """
 
 
@@ -85,6 +88,9 @@ def perplexity(model_dir: Path, ids) -> float:
     ("w4-awq/quantize", "pack-quantized", "int32-packed"),
     ("fp8-dyn/quantize", "float-quantized", "float8_e4m3fn"),
     ("fp8-static/quantize", "float-quantized", "float8_e4m3fn"),
+    ("w4-gptq-levers/quantize", "pack-quantized", "int32-packed"),
+    ("w4-awq-gptq/quantize", "pack-quantized", "int32-packed"),
+    ("w4-autoround/quantize", "pack-quantized", "int32-packed"),
 ])
 def test_target_builds_a_verified_checkpoint(built, stage, fmt, stored, mini_model):
     out = built[stage].output
@@ -124,6 +130,41 @@ def test_int4_groups_have_at_most_16_levels_and_lm_head_is_untouched(built, mini
         if "lm_head.weight" in source:
             assert tensors["lm_head.weight"].dtype == source["lm_head.weight"].dtype
             assert torch.equal(tensors["lm_head.weight"], source["lm_head.weight"])
+
+
+@pytest.mark.parametrize("stage,modifiers,weights,modifier_args", [
+    ("w4-gptq-levers/quantize", ["GPTQModifier"], {"observer": "mse", "actorder": "weight", "symmetric": False, "group_size": 64},
+     {"block_size": 64, "dampening_frac": 0.05}),
+    ("w4-awq-gptq/quantize", ["AWQModifier", "GPTQModifier"], {"observer": "memoryless_mse", "actorder": "static", "symmetric": False, "group_size": 64},
+     {"duo_scaling": "both", "n_grid": 4}),
+    ("w4-autoround/quantize", ["AutoRoundModifier"], {"symmetric": False, "group_size": 128}, {"iters": 4, "batch_size": 4}),
+    # the defaults: min-max scales, activation order by weight
+    ("w4-gptq/quantize", ["GPTQModifier"], {"observer": "minmax", "actorder": "weight", "symmetric": True}, {"block_size": 128}),
+])
+def test_recipe_levers_reach_llm_compressor_and_the_saved_config(built, stage, modifiers, weights, modifier_args):
+    """The levers are in the recipe llm-compressor ran (its own recipe.yaml) and in the config vLLM reads."""
+    import yaml
+
+    path = built[stage].output.path
+    ran = yaml.safe_load((path / "recipe.yaml").read_text())
+    found = {}
+    for group in ran.values():
+        for mods in group.values():
+            found.update(mods)
+    assert list(found) == modifiers
+    args = {k: v for mod in found.values() for k, v in mod.items()}
+    for key, value in modifier_args.items():
+        assert args[key] == value, (key, args.get(key))
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized"
+    saved = qc["config_groups"]["group_0"]["weights"]
+    for key, value in weights.items():
+        assert saved[key] == value, (key, saved.get(key))
+    if not weights["symmetric"]:  # asymmetric: a zero point per group, stored beside the scales
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            assert "model.layers.0.mlp.down_proj.weight_zero_point" in set(f.keys())
 
 
 def test_fp8_static_calibrates_activation_and_kv_scales(built):
@@ -194,6 +235,15 @@ def tiny_llama(hidden: int = 96, inter: int = 192):
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, vocab_size=256))
+
+
+def test_autoround_batch_larger_than_calibration_is_refused(mini_model, tmp_path):
+    from pipeline.validation import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe_text(mini_model, "  - {name: r, kind: autoround, batch_size: 16}\n"))
+    with pytest.raises(InvalidInput, match=r"targets.0.batch_size.*larger than calibration.samples \(8\)"):
+        load_recipe(path)
 
 
 def test_bad_group_size_names_the_layer():

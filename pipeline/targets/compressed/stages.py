@@ -1,4 +1,4 @@
-"""Shared code of the llm-compressor targets (gptq, awq, fp8).
+"""Shared code of the llm-compressor targets (gptq, awq, autoround, fp8).
 
 One stage per target: load the source model on CPU in the recipe's dtype, check
 what can be checked before spending minutes (group sizes, AWQ mappings), run
@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import InvalidInput, StageFailed
-from pipeline.targets.compressed import AwqTarget, Fp8Target, GptqTarget
+from pipeline.targets.compressed import AutoRoundTarget, AwqTarget, Fp8Target, GptqSettings, GptqTarget
 from pipeline.core.stage import ArtifactInfo, Stage, StageContext, tool_versions
 
 # Bump when the same inputs would give a different output (e.g. a changed card or layout).
 STAGE_VERSION = "3"
 TOOLS = ("transformers", "llmcompressor", "compressed-tensors", "torch")
 RUNTIMES = ("vllm", "sglang", "transformers")
-TARGET_CLASSES = {"gptq": GptqTarget, "awq": AwqTarget, "fp8": Fp8Target}
+TARGET_CLASSES = {"gptq": GptqTarget, "awq": AwqTarget, "autoround": AutoRoundTarget, "fp8": Fp8Target}
 FP8_PRESETS = {"dynamic": "FP8_DYNAMIC", "static": "FP8", "block": "FP8_BLOCK"}
 VERIFY_TIMEOUT_S = 3600
 VERIFY_MODULE = "pipeline.targets.compressed.verify"
@@ -53,7 +53,7 @@ def stage_params(target, dtype: str) -> dict[str, Any]:
     }
 
 
-def target_from_params(name: str, params: dict) -> GptqTarget | AwqTarget | Fp8Target:
+def target_from_params(name: str, params: dict) -> GptqTarget | AwqTarget | AutoRoundTarget | Fp8Target:
     config = params["target"]
     return TARGET_CLASSES[config["kind"]].model_validate({**config, "name": name})
 
@@ -65,6 +65,25 @@ def scheme_label(target) -> str:
     sym = "" if target.symmetric else " asym"
     group = "per-channel" if target.group_size == "channel" else f"group {target.group_size}"
     return f"W{target.bits}A16{sym}, {group}"
+
+
+def method_label(target) -> str:
+    """The quantizer and its non-default levers, e.g. ``GPTQ (actorder weight, mse observer)``."""
+    levers = []
+    gptq = target if isinstance(target, GptqTarget) else getattr(target, "gptq", None)
+    if isinstance(target, AwqTarget):
+        name = "AWQ+GPTQ" if gptq is not None else "AWQ"
+        if target.duo_scaling is not True:
+            levers.append(f"duo_scaling {target.duo_scaling}")
+    else:
+        name = "AutoRound" if isinstance(target, AutoRoundTarget) else "GPTQ"
+    if isinstance(target, AutoRoundTarget):
+        levers.append(f"{target.iters} iters")
+    if gptq is not None and gptq.actorder != "none":
+        levers.append(f"actorder {gptq.actorder}")
+    if getattr(target, "observer", "minmax") != "minmax":
+        levers.append(f"{target.observer} observer")
+    return name + (f" ({', '.join(levers)})" if levers else "")
 
 
 def storage_format(target) -> str:
@@ -109,26 +128,46 @@ def plan_compressed_stage(target, ctx) -> list[Stage]:
             tools=tool_versions(*TOOLS),
             target=target.name,
             artifact=artifact_info(target),
-            description=(scheme_label(target) if target.kind == "fp8" else f"{target.kind.upper()} {scheme_label(target)}") + " with llm-compressor",
+            description=(scheme_label(target) if target.kind == "fp8" else f"{method_label(target)} {scheme_label(target)}") + " with llm-compressor",
         )
     ]
 
 
 # ------------------------------------------------------- recipe -> modifiers
-def weight_args(bits: int, group_size, symmetric: bool):
-    """compressed-tensors QuantizationArgs for integer weights."""
+def weight_args(bits: int, group_size, symmetric: bool, observer: str = "minmax"):
+    """compressed-tensors QuantizationArgs for integer weights (`observer`: llm-compressor's registry name)."""
     from compressed_tensors.quantization import QuantizationArgs
 
+    common = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False, "observer": observer}
     if group_size == "channel":
-        return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="channel", dynamic=False)
-    return QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size, dynamic=False)
+        return QuantizationArgs(strategy="channel", **common)
+    return QuantizationArgs(strategy="group", group_size=group_size, **common)
 
 
 def int_scheme(target):
     """A weight-only integer QuantizationScheme for all Linear layers."""
     from compressed_tensors.quantization import QuantizationScheme
 
-    return QuantizationScheme(targets=["Linear"], weights=weight_args(target.bits, target.group_size, target.symmetric))
+    return QuantizationScheme(targets=["Linear"], weights=weight_args(target.bits, target.group_size, target.symmetric, target.observer))
+
+
+def gptq_modifier(target, settings: GptqSettings):
+    """llm-compressor's GPTQModifier with the recipe's levers.
+
+    ``actorder: none`` is passed as None explicitly: llm-compressor would otherwise
+    default to ``static``. ``weight``/``static`` order columns by activation size during
+    calibration only: the stored format is unchanged (no g_idx), so runtimes keep their
+    fast kernels.
+    """
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    return GPTQModifier(
+        config_groups={"group_0": int_scheme(target)},
+        ignore=list(target.ignore),
+        dampening_frac=settings.dampening_frac,
+        block_size=settings.block_size,
+        actorder=None if settings.actorder == "none" else settings.actorder,
+    )
 
 
 def kv_cache_args():
@@ -149,27 +188,36 @@ def awq_mappings(target: AwqTarget):
 
 def build_modifiers(target) -> list:
     """llm-compressor modifiers for one target (the recipe it runs)."""
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
 
     ignore = list(target.ignore)
     if isinstance(target, GptqTarget):
-        # act_order maps to llm-compressor's "weight" ordering: columns are processed by
-        # activation size, but the stored format is unchanged (no g_idx), so every
-        # runtime keeps its fast kernels. False turns it off explicitly (llm-compressor
-        # would otherwise default to it).
-        return [
-            GPTQModifier(
-                config_groups={"group_0": int_scheme(target)},
-                ignore=ignore,
-                dampening_frac=target.dampening_frac,
-                actorder="weight" if target.act_order else None,
-            )
-        ]
+        return [gptq_modifier(target, target)]
     if isinstance(target, AwqTarget):
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        awq = AWQModifier(mappings=awq_mappings(target), n_grid=target.n_grid) if target.mappings else AWQModifier(n_grid=target.n_grid)
-        return [awq, QuantizationModifier(config_groups={"group_0": int_scheme(target)}, ignore=ignore)]
+        awq_kwargs: dict[str, Any] = {"n_grid": target.n_grid, "duo_scaling": target.duo_scaling}
+        if target.mappings:
+            awq_kwargs["mappings"] = awq_mappings(target)
+        # AWQ is a transform in llm-compressor 0.14: it rescales channels against the scheme
+        # of the quantization modifier that follows it, which then rounds (RTN) or runs GPTQ.
+        quantizer = gptq_modifier(target, target.gptq) if target.gptq is not None else QuantizationModifier(config_groups={"group_0": int_scheme(target)}, ignore=ignore)
+        return [AWQModifier(**awq_kwargs), quantizer]
+    if isinstance(target, AutoRoundTarget):
+        import torch
+        from llmcompressor.modifiers.autoround import AutoRoundModifier
+
+        return [
+            AutoRoundModifier(
+                config_groups={"group_0": int_scheme(target)},
+                ignore=ignore,
+                iters=target.iters,
+                lr=target.lr,
+                batch_size=target.batch_size,
+                # torch.compile only pays off on an accelerator; on CPU it costs a C++ build per block.
+                enable_torch_compile=torch.accelerator.is_available(),
+            )
+        ]
     if isinstance(target, Fp8Target):
         return [
             QuantizationModifier(
