@@ -214,8 +214,11 @@ class Describing:
         for a in view.artifacts:
             a.registry = self.entries.get(a.name)
         view.registry = RegistryInfo(tracking_uri=self.uri, experiment_id=experiment_id, experiment_name=view.recipe, parent_run_id=parent.info.run_id)
-        text = json.dumps(view.model_dump(mode="json"), indent=2, default=str)
-        from pipeline.core.report import report_digest
+        from pipeline.core.report import portable_paths, report_digest
+
+        # Paths inside the artifacts dir relative to it, as in report.json: a build machine's folders
+        # mean nothing to whoever downloads this copy.
+        text = json.dumps(portable_paths(view.model_dump(mode="json"), self.report_path), indent=2, default=str)
 
         digest = report_digest(view)
         if parent.data.tags.get(P.REPORT_TAG) != digest:
