@@ -44,6 +44,7 @@ STAMP = ".plots.sha256"
 
 GATE_COLOURS = {True: "#1a7f37", False: "#cf222e", None: "#8c959f"}
 GATE_WORDS = {True: "passed the gates", False: "failed a gate", None: "gates undecided"}
+GREY = "#57606a"
 SOURCE_COLOUR = "#1b1f24"
 RUNTIME_MARKERS = {"transformers": "o", "llama_cpp": "s", "modelopt_dequant": "D", "vllm": "^", "tensorrt_llm": "v", "sglang": "P"}
 OTHER_MARKERS = ("p", "h", "X", "<", ">", "*")
@@ -276,8 +277,8 @@ def place_labels(ax, points: list[tuple[float, float, str, bool]], renderer) -> 
 
 
 # ------------------------------------------------------------------ drawing
-def figure(report: Report, device: str):
-    """One device's matplotlib Figure (None when nothing was measured there); the caller closes it."""
+def _pyplot():
+    """pyplot with a file backend (no display here), its ticker module and Line2D for legend handles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,6 +286,76 @@ def figure(report: Report, device: str):
     from matplotlib import ticker
     from matplotlib.lines import Line2D
 
+    return plt, ticker, Line2D
+
+
+def _frame(report: Report, device: str, n: int, title: str, panel_h: float):
+    """A figure of `n` stacked panels sharing the x axis, legend room on the right: (fig, axes, height)."""
+    plt, _, _ = _pyplot()
+    fig_h = 1.0 + panel_h * n
+    fig, axes = plt.subplots(n, 1, figsize=(11, fig_h), dpi=100, sharex=True, squeeze=False)
+    fig.subplots_adjust(left=0.08, right=0.70, top=1 - 0.75 / fig_h, bottom=0.6 / fig_h, hspace=0.12)
+    info = report.devices.get(device)
+    where = (info.fingerprint.get("gpu") or info.fingerprint.get("cpu_model") or "") if info else ""
+    fig.suptitle(f"{report.recipe} on {device}{title}" + (f" ({where})" if where else ""), fontsize=12, fontweight="bold")
+    return fig, [row[0] for row in axes], fig_h
+
+
+def _draw_panel(ax, pan: Panel, markers: dict[str, str], renderer, *, zero_floor: bool, hollow_dequantized: bool) -> None:
+    """One panel's y range, gate line, Pareto step, points (± errors, front rings, the recommended
+    star) and labels; the x axis is the caller's."""
+    from matplotlib import ticker
+
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.grid(True, alpha=0.3)
+    ax.set_ylabel(pan.ylabel, fontsize=9)
+    ys = [p.value + sign * (p.err or 0) for p in pan.points for sign in (-1, 1)] + ([pan.gate] if pan.gate is not None else [])
+    ylo, yhi = min(ys + ([0.0] if zero_floor else [])), max(ys)
+    span = (yhi - ylo) or max(abs(yhi), 1.0)
+    ax.set_ylim(ylo - 0.12 * span, yhi + 0.18 * span)
+    if pan.gate is not None:
+        ax.axhline(pan.gate, color="#cf222e", ls="--", lw=1.1, zorder=1)
+    if pan.front:
+        front = sorted((p for p in pan.points if p.pareto), key=lambda p: p.size_mib)
+        ax.step([p.size_mib for p in front], [p.value for p in front], where="post", color="#0969da", lw=1.0, ls=":", zorder=2)
+    for p in pan.points:
+        colour = SOURCE_COLOUR if p.source else GATE_COLOURS[p.passed]
+        m = _marker(p.runtime, markers)
+        if p.pareto:
+            ax.scatter([p.size_mib], [p.value], s=260, facecolors="none", edgecolors="#0969da", linewidths=1.0, zorder=3)
+        if p.recommended:
+            ax.scatter([p.size_mib], [p.value], s=420, marker="*", color="#fff0a0", edgecolors="#bf8700", linewidths=1.0, zorder=4)
+        if p.err:
+            ax.errorbar([p.size_mib], [p.value], yerr=[p.err], fmt="none", ecolor=colour, elinewidth=1.0, capsize=3, zorder=4)
+        ax.scatter([p.size_mib], [p.value], s=46, marker=m, zorder=5, linewidths=1.6,
+                   facecolors="none" if hollow_dequantized and p.dequantized else colour, edgecolors=colour)
+    place_labels(ax, [(p.size_mib, p.value, ("★ " if p.recommended else "") + p.name, p.recommended or p.source)
+                      for p in pan.points], renderer)
+
+
+def _runtime_and_verdict_handles(shown: list[Panel], markers: dict[str, str]) -> list:
+    """Legend entries both figures share: runtimes by marker, the source, the gate verdicts seen."""
+    from evals.runtimes import RUNTIME_NAMES
+
+    _, _, Line2D = _pyplot()
+    handles = [Line2D([], [], ls="", marker=_marker(rt, markers), color=GREY, markersize=7, label=f"runtime: {RUNTIME_NAMES.get(rt, rt)}")
+               for rt in list(markers)]
+    handles.append(Line2D([], [], ls="", marker="o", color=SOURCE_COLOUR, markersize=7, label="source model"))
+    verdicts = {p.passed for pan in shown for p in pan.points if not p.source}
+    handles += [Line2D([], [], ls="", marker="o", color=GATE_COLOURS[v], markersize=7, label=GATE_WORDS[v])
+                for v in (True, False, None) if v in verdicts]
+    return handles
+
+
+def _note(fig, fig_h: float, text: str) -> None:
+    import textwrap
+
+    fig.text(0.72, 0.6 / fig_h, textwrap.fill(text, 44), fontsize=8, color=GREY, va="bottom")
+
+
+def figure(report: Report, device: str):
+    """One device's matplotlib Figure (None when nothing was measured there); the caller closes it."""
+    _, ticker, Line2D = _pyplot()
     shown = panels(report, device)
     if not shown:
         return None
@@ -298,14 +369,7 @@ def figure(report: Report, device: str):
         pad = max((hi - lo) * 0.08, hi * 0.03)
         xlim = (max(lo - pad, 0), hi + pad)
     rec = report.recommendations.get(device)
-    fig_h = 1.0 + 3.0 * len(shown)
-    fig, axes = plt.subplots(len(shown), 1, figsize=(11, fig_h), dpi=100, sharex=True, squeeze=False)
-    axes = [a[0] for a in axes]
-    fig.subplots_adjust(left=0.08, right=0.70, top=1 - 0.75 / fig_h, bottom=0.6 / fig_h, hspace=0.12)
-    info = report.devices.get(device)
-    fp = info.fingerprint if info else {}
-    where = fp.get("gpu") or fp.get("cpu_model") or ""
-    fig.suptitle(f"{report.recipe} on {device}" + (f" ({where})" if where else ""), fontsize=12, fontweight="bold")
+    fig, axes, fig_h = _frame(report, device, len(shown), "", 3.0)
     markers: dict[str, str] = {}
     renderer = fig.canvas.get_renderer()
     for ax, pan in zip(axes, shown):
@@ -315,48 +379,16 @@ def figure(report: Report, device: str):
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _mib(v)))
         ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.grid(True, alpha=0.3)
-        ax.set_ylabel(pan.ylabel, fontsize=9)
-        ys = [p.value + sign * (p.err or 0) for p in pan.points for sign in (-1, 1)] + ([pan.gate] if pan.gate is not None else [])
         # Zero is the source's value for perplexity increase and KL, and a floor for speed; recovery sits near 100 %.
-        ylo, yhi = min(ys + ([] if pan.metric == "task_recovery_pct" else [0.0])), max(ys)
-        span = (yhi - ylo) or max(abs(yhi), 1.0)
-        ax.set_ylim(ylo - 0.12 * span, yhi + 0.18 * span)
-        if pan.gate is not None:
-            ax.axhline(pan.gate, color="#cf222e", ls="--", lw=1.1, zorder=1)
-        if pan.front:
-            front = sorted((p for p in pan.points if p.pareto), key=lambda p: p.size_mib)
-            ax.step([p.size_mib for p in front], [p.value for p in front], where="post", color="#0969da", lw=1.0, ls=":", zorder=2)
-        for p in pan.points:
-            colour = SOURCE_COLOUR if p.source else GATE_COLOURS[p.passed]
-            m = _marker(p.runtime, markers)
-            if p.pareto:
-                ax.scatter([p.size_mib], [p.value], s=260, facecolors="none", edgecolors="#0969da", linewidths=1.0, zorder=3)
-            if p.recommended:
-                ax.scatter([p.size_mib], [p.value], s=420, marker="*", color="#fff0a0", edgecolors="#bf8700", linewidths=1.0, zorder=4)
-            if p.err:
-                ax.errorbar([p.size_mib], [p.value], yerr=[p.err], fmt="none", ecolor=colour, elinewidth=1.0, capsize=3, zorder=4)
-            ax.scatter([p.size_mib], [p.value], s=46, marker=m, zorder=5, linewidths=1.6,
-                       facecolors="none" if p.dequantized else colour, edgecolors=colour)
-        labels = [(p.size_mib, p.value, ("★ " if p.recommended else "") + p.name, p.recommended or p.source) for p in pan.points]
-        place_labels(ax, labels, renderer)
+        _draw_panel(ax, pan, markers, renderer, zero_floor=pan.metric != "task_recovery_pct", hollow_dequantized=True)
     axes[-1].set_xlabel("artifact size (MiB" + (", log scale)" if log else ")"), fontsize=9)
     # One legend for the figure, beside the panels.
-    grey = "#57606a"
-    from evals.runtimes import RUNTIME_NAMES
-
-    handles = [Line2D([], [], ls="", marker=_marker(rt, markers), color=grey, markersize=7, label=f"runtime: {RUNTIME_NAMES.get(rt, rt)}")
-               for rt in list(markers)]
+    handles = _runtime_and_verdict_handles(shown, markers)
     if any(p.err for pan in shown for p in pan.points):
-        handles.append(Line2D([], [], color=grey, marker="|", ls="", markersize=10, label="± one standard error"))
+        handles.append(Line2D([], [], color=GREY, marker="|", ls="", markersize=10, label="± one standard error"))
     if any(p.dequantized for pan in shown for p in pan.points):
-        handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor=grey, markeredgewidth=1.6,
+        handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor=GREY, markeredgewidth=1.6,
                               markersize=7, label="dequantized: speed is dense compute"))
-    handles.append(Line2D([], [], ls="", marker="o", color=SOURCE_COLOUR, markersize=7, label="source model"))
-    verdicts = {p.passed for pan in shown for p in pan.points if not p.source}
-    handles += [Line2D([], [], ls="", marker="o", color=GATE_COLOURS[v], markersize=7, label=GATE_WORDS[v])
-                for v in (True, False, None) if v in verdicts]
     if any(pan.gate is not None for pan in shown):
         handles.append(Line2D([], [], color="#cf222e", ls="--", lw=1.1, label="recipe gate (threshold)"))
     if rec is not None and rec.pareto:
@@ -368,10 +400,7 @@ def figure(report: Report, device: str):
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.715, 1 - 0.75 / fig_h), fontsize=8.5, frameon=False,
                borderaxespad=0.0, handletextpad=0.6, labelspacing=0.9)
     if rec is not None and rec.reason:
-        import textwrap
-
-        fig.text(0.72, 0.6 / fig_h, textwrap.fill(("Ship " + rec.artifact + ": " if rec.artifact else "") + rec.reason, 44),
-                 fontsize=8, color=grey, va="bottom")
+        _note(fig, fig_h, ("Ship " + rec.artifact + ": " if rec.artifact else "") + rec.reason)
     return fig
 
 
@@ -415,67 +444,23 @@ def bits_panels(report: Report, device: str) -> list[Panel]:
 
 def bits_figure(report: Report, device: str):
     """One device's quality-vs-bits Figure (None when no artifact has bits and accuracy there)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-    from matplotlib.lines import Line2D
-
+    _, ticker, Line2D = _pyplot()
     shown = bits_panels(report, device)
     if not shown:
         return None
     xs = [p.size_mib for pan in shown for p in pan.points]
     lo, hi = min(xs), max(xs)
     pad = max((hi - lo) * 0.08, 0.25)
-    fig_h = 1.0 + 3.2 * len(shown)
-    fig, axes = plt.subplots(len(shown), 1, figsize=(11, fig_h), dpi=100, sharex=True, squeeze=False)
-    axes = [a[0] for a in axes]
-    fig.subplots_adjust(left=0.08, right=0.70, top=1 - 0.75 / fig_h, bottom=0.6 / fig_h, hspace=0.12)
-    info = report.devices.get(device)
-    fp = info.fingerprint if info else {}
-    where = fp.get("gpu") or fp.get("cpu_model") or ""
-    fig.suptitle(f"{report.recipe} on {device}: quality per bit" + (f" ({where})" if where else ""), fontsize=12, fontweight="bold")
+    fig, axes, fig_h = _frame(report, device, len(shown), ": quality per bit", 3.2)
     markers: dict[str, str] = {}
     renderer = fig.canvas.get_renderer()
     for ax, pan in zip(axes, shown):
         ax.set_xlim(max(lo - pad, 0), hi + pad)
         ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=10, steps=[1, 2, 5, 10]))
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.grid(True, alpha=0.3)
-        ax.set_ylabel(pan.ylabel, fontsize=9)
-        ys = [p.value + sign * (p.err or 0) for p in pan.points for sign in (-1, 1)] + ([pan.gate] if pan.gate is not None else [])
-        ylo, yhi = min(ys + [0.0]), max(ys)
-        span = (yhi - ylo) or max(abs(yhi), 1.0)
-        ax.set_ylim(ylo - 0.12 * span, yhi + 0.18 * span)
-        if pan.gate is not None:
-            ax.axhline(pan.gate, color="#cf222e", ls="--", lw=1.1, zorder=1)
-        if pan.front:
-            front = sorted((p for p in pan.points if p.pareto), key=lambda p: p.size_mib)
-            ax.step([p.size_mib for p in front], [p.value for p in front], where="post", color="#0969da", lw=1.0, ls=":", zorder=2)
-        for p in pan.points:
-            colour = SOURCE_COLOUR if p.source else GATE_COLOURS[p.passed]
-            if p.pareto:
-                ax.scatter([p.size_mib], [p.value], s=260, facecolors="none", edgecolors="#0969da", linewidths=1.0, zorder=3)
-            if p.recommended:
-                ax.scatter([p.size_mib], [p.value], s=420, marker="*", color="#fff0a0", edgecolors="#bf8700", linewidths=1.0, zorder=4)
-            if p.err:
-                ax.errorbar([p.size_mib], [p.value], yerr=[p.err], fmt="none", ecolor=colour, elinewidth=1.0, capsize=3, zorder=4)
-            ax.scatter([p.size_mib], [p.value], s=46, marker=_marker(p.runtime, markers), zorder=5, linewidths=1.6,
-                       facecolors=colour, edgecolors=colour)
-        place_labels(ax, [(p.size_mib, p.value, ("★ " if p.recommended else "") + p.name, p.recommended or p.source)
-                          for p in pan.points], renderer)
+        _draw_panel(ax, pan, markers, renderer, zero_floor=True, hollow_dequantized=False)
     axes[-1].set_xlabel("bits per weight of the linear layers (counted from the files)", fontsize=9)
-    grey = "#57606a"
-    from evals.runtimes import RUNTIME_NAMES
-
-    handles = [Line2D([], [], ls="", marker=_marker(rt, markers), color=grey, markersize=7, label=f"runtime: {RUNTIME_NAMES.get(rt, rt)}")
-               for rt in list(markers)]
-    handles.append(Line2D([], [], ls="", marker="o", color=SOURCE_COLOUR, markersize=7, label="source model"))
-    verdicts = {p.passed for pan in shown for p in pan.points if not p.source}
-    handles += [Line2D([], [], ls="", marker="o", color=GATE_COLOURS[v], markersize=7, label=GATE_WORDS[v])
-                for v in (True, False, None) if v in verdicts]
-    handles.append(Line2D([], [], color=grey, marker="|", ls="", markersize=10, label="± one standard error"))
+    handles = _runtime_and_verdict_handles(shown, markers)
+    handles.append(Line2D([], [], color=GREY, marker="|", ls="", markersize=10, label="± one standard error"))
     if any(pan.gate is not None for pan in shown):
         handles.append(Line2D([], [], color="#cf222e", ls="--", lw=1.1, label="recipe gate (threshold)"))
     handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", markeredgecolor="#0969da", markersize=14,
@@ -484,11 +469,8 @@ def bits_figure(report: Report, device: str):
                borderaxespad=0.0, handletextpad=0.6, labelspacing=0.9)
     lineage = report.source.lineage if report.source else {}
     if lineage.get("quantized"):
-        import textwrap
-
-        fig.text(0.72, 0.6 / fig_h, textwrap.fill("The source was dequantized from a GGUF: GGUF types on the same blocks "
-                                                  "re-represent it almost exactly, which favours them here.", 44),
-                 fontsize=8, color=grey, va="bottom")
+        _note(fig, fig_h, "The source was dequantized from a GGUF: GGUF types on the same blocks "
+                          "re-represent it almost exactly, which favours them here.")
     return fig
 
 
