@@ -73,3 +73,12 @@ def test_hostile_files_exit_2_with_a_message(tmp_path, content, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_source_path_the_file_system_refuses_is_an_input_error(write_recipe):
+    """A name longer than the file system allows (found by the recipe fuzzer) is invalid input at
+    source.model, never an OSError out of validate; also when another section is invalid."""
+    path = write_recipe(f"name: null\nsource: {{model: {'a' * 300}}}\ntargets:\n  - {{name: fp8, kind: fp8}}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "source.model" in result.output and "Traceback" not in result.output

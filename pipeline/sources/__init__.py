@@ -35,10 +35,18 @@ def origin(loaded: LoadedRecipe) -> str:
         return "builtin"
     if model.endswith(".gguf"):
         return "gguf"
-    path = loaded.resolve(model)
-    if path.exists() or not is_hub_id(model):
+    if _exists(loaded.resolve(model)) or not is_hub_id(model):
         return "local"
     return "hub"
+
+
+def _exists(path) -> bool:
+    """Path.exists, but a name the file system refuses (too long, say) is simply absent: the local
+    source check then says the folder is not found, instead of an OSError escaping validate."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _builtin_name(loaded: LoadedRecipe) -> str:

@@ -24,7 +24,11 @@ def fingerprint_dir(path: Path) -> str:
 
 
 def check_local_dir(path: Path, allow_pickle: bool) -> None:
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise InvalidInput(f"source folder {str(path)[:120]}...: {exc.strerror}") from None
+    if not is_dir:
         raise InvalidInput(f"source folder not found: {path}")
     if not (path / "config.json").is_file():
         raise InvalidInput(f"{path} has no config.json: not a Hugging Face model folder")
