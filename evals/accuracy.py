@@ -154,12 +154,16 @@ class Windows:
         return len(self.windows) * (self.context - self.first - 1)
 
 
-def make_windows(ids: Sequence[int], context: int, max_windows: int, bos_id: int | None = None) -> Windows:
-    n = min(max_windows, len(ids) // context)
+def make_windows(ids: Sequence[int], context: int, max_windows: int, bos_id: int | None = None, skip: int = 0) -> Windows:
+    """Up to `max_windows` windows after the first `skip` (text another measurement already used)."""
+    n = min(max_windows, len(ids) // context - skip)
     if n < 1:
+        if skip:
+            raise ValueError(f"the suite text has {len(ids)} tokens, {len(ids) // context} windows of {context}: "
+                             f"none left after the {skip} another measurement uses")
         raise ValueError(f"the suite text has {len(ids)} tokens, fewer than one window of {context}")
     windows = []
-    for i in range(n):
+    for i in range(skip, skip + n):
         w = list(ids[i * context : (i + 1) * context])
         if bos_id is not None:
             w[0] = bos_id
@@ -300,7 +304,7 @@ def tokenize_source(source_path: Path, text: str) -> list[int]:
 
 def run_accuracy(runtime_name: str, path: Path, device: str, threads: int, ids: list[int] | None, text: str,
                  context: int, max_windows: int, bos_id: int | None,
-                 reference_path: Path | None, write_reference: Path | None) -> dict:
+                 reference_path: Path | None, write_reference: Path | None, skip_windows: int = 0) -> dict:
     """One runtime on one artifact: the body of the accuracy subprocess.
 
     ``ids=None`` (the source model): tokenize `text` with the tokenizer at `path`
@@ -327,7 +331,7 @@ def run_accuracy(runtime_name: str, path: Path, device: str, threads: int, ids: 
                 f"{runtime_name} tokenizes the suite text differently from the source tokenizer "
                 f"({len(own)} vs {len(ids)} tokens, first difference at token {mism}); "
                 "cross-runtime accuracy needs identical token ids")}
-        wins = make_windows(ids, context, max_windows, bos_id)
+        wins = make_windows(ids, context, max_windows, bos_id, skip_windows)
         reference = Reference.load(reference_path) if reference_path else None
         t1 = time.perf_counter()
         collect = None

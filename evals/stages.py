@@ -129,7 +129,7 @@ def eval_context(loaded, device: str) -> EvalContext:
                        task_include=include, task_params=task_params)
 
 
-def _runtime_tools(*names: str | None) -> dict[str, str]:
+def runtime_tools(*names: str | None) -> dict[str, str]:
     from evals.runtimes import get_runtime
 
     tools: dict[str, str] = {}
@@ -170,7 +170,7 @@ def eval_stages(ec: EvalContext, report) -> list[Stage]:
         params=_common_params(ec, src_choice),
         run=partial(run_model_eval, path=source_path, choice=src_choice, is_source=True, suite_text=ec.suite.text,
                     task_include=ec.task_include),
-        tools=_runtime_tools(src_choice.accuracy, src_choice.speed),
+        tools=runtime_tools(src_choice.accuracy, src_choice.speed),
         device_fingerprint=ec.fingerprint_hash,
         external_key=report.source.fingerprint or str(source_path),
         skip_reason=src_choice.skip_reason if src_choice.accuracy is None else None,
@@ -190,7 +190,7 @@ def eval_stages(ec: EvalContext, report) -> list[Stage]:
             inputs={} if choice.accuracy is None else {"reference": src.name},
             run=partial(run_model_eval, path=Path(a.path), choice=choice, is_source=False, suite_text=ec.suite.text,
                         task_include=ec.task_include),
-            tools=_runtime_tools(choice.accuracy, choice.speed),
+            tools=runtime_tools(choice.accuracy, choice.speed),
             device_fingerprint=ec.fingerprint_hash,
             external_key=a.content_sha256 or a.stage_key or a.path,
             skip_reason=skip,
@@ -242,17 +242,25 @@ def _worker(ctx: StageContext, name: str, job: dict) -> dict:
 
 
 def run_model_eval(ctx: StageContext, *, path: Path, choice: RuntimeChoice, is_source: bool, suite_text: str | None = None,
-                   task_include: list[str] | None = None) -> dict:
-    """Accuracy (against the reference) and speed of one model on one device."""
+                   task_include: list[str] | None = None, device: str | None = None) -> dict:
+    """Accuracy (against the reference) and speed of one model on one device.
+
+    The stage's params say what is measured: ``max_windows`` (and ``skip_windows``, windows of the
+    text left to another measurement) for accuracy, ``speed`` and ``tasks`` when present."""
     from pipeline.errors import StageFailed
 
     p = ctx.stage.params
-    device = ctx.stage.name.split("/")[1]
-    threads = p["threads"]
+    device = device or ctx.stage.name.split("/")[1]
+    if "threads" in p:
+        threads = p["threads"]
+    else:  # accuracy alone does not depend on threads: a stage keyed without them uses this machine's
+        from pipeline.backends.devices import cpu_threads_default
+
+        threads = cpu_threads_default()
     out: dict[str, Any] = {"accuracy_runtime": choice.accuracy, "speed_runtime": choice.speed,
                            "runtime_notes": list(choice.reasons)}
     jobs: dict[str, dict] = {}
-    if choice.speed:
+    if choice.speed and p.get("speed"):
         s = p["speed"]
         jobs.setdefault(choice.speed, {"runtime": choice.speed, "path": str(path), "device": device, "threads": threads})["speed"] = {
             "prompt_lengths": s["prompt_lengths"], "decode_tokens": s["decode_tokens"], "batch_sizes": s["batch_sizes"],
@@ -262,7 +270,8 @@ def run_model_eval(ctx: StageContext, *, path: Path, choice: RuntimeChoice, is_s
         # tokenize it exactly as the source did, or the comparison is refused.
         text_file = ctx.out_dir / ".suite.txt"
         text_file.write_text(suite_text or "", encoding="utf-8")
-        acc: dict[str, Any] = {"context": p["context"], "max_windows": p["max_windows"], "text": str(text_file)}
+        acc: dict[str, Any] = {"context": p["context"], "max_windows": p["max_windows"], "text": str(text_file),
+                               "skip_windows": p.get("skip_windows", 0)}
         if is_source:
             acc.update(ids=None, bos=None, reference=None, write_reference=str(ctx.out_dir / REFERENCE_FILE))
         else:

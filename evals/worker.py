@@ -42,7 +42,7 @@ def run_job(job: dict) -> dict:
                 job["runtime"], Path(job["path"]), job["device"], job["threads"], np.load(a["ids"]).tolist() if a.get("ids") else None,
                 Path(a["text"]).read_text(encoding="utf-8"), a["context"], a["max_windows"], a["bos"],
                 Path(a["reference"]) if a.get("reference") else None,
-                Path(a["write_reference"]) if a.get("write_reference") else None)
+                Path(a["write_reference"]) if a.get("write_reference") else None, a.get("skip_windows", 0))
         except Exception as exc:
             out["accuracy"] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     if job.get("tasks"):

@@ -14,6 +14,8 @@ from pipeline.errors import StageFailed
 from pipeline.recipe import LoadedRecipe
 
 Log = Callable[[str], None]
+#: what a stage's result may say about the artifact it wrote (see write_build_report)
+ARTIFACT_FIELDS = ("kind", "variant", "format", "runtimes", "bits", "group_size")
 
 
 # ------------------------------------------------------------------ build command
@@ -96,7 +98,7 @@ def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, re
                                  host=res.host, node=res.node, pid=res.pid, started=_iso(res.started), ended=_iso(res.ended))
             report.stages = [s for s in report.stages if s.name != record.name] + [record]
             info = res.stage.artifact
-            if info is None:
+            if info is None or info.internal:
                 continue
             entry = ArtifactReport(
                 name=info.name,
@@ -118,9 +120,14 @@ def write_build_report(loaded: LoadedRecipe, artifacts_dir: Path, plan: Plan, re
                 entry.build_seconds = res.output.manifest.get("seconds")
                 entry.reason = None
                 entry = entry.model_copy(update=bits_fields(res.output.path))
+                # A stage that decides what it writes (the budget kind keeps one of its
+                # candidates) says so in its result: its format is known after it ran.
+                chosen = res.output.result.get("artifact")
+                if chosen:
+                    entry = entry.model_copy(update={k: v for k, v in chosen.items() if k in ARTIFACT_FIELDS})
             report.upsert_artifact(entry)
         # Targets the recipe no longer has don't linger in the report.
-        names = {s.artifact.name for s in plan.stages if s.artifact}
+        names = {s.artifact.name for s in plan.stages if s.artifact and not s.artifact.internal}
         report.artifacts = [a for a in report.artifacts if a.name in names]
         return report
 

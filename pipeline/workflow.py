@@ -70,7 +70,8 @@ def eval_plan_rows(loaded: LoadedRecipe, artifacts_dir: Path, plan, device: str,
     report = read_report(report_path(artifacts_dir, recipe.name))
     built_keys = stage_keys(plan.stages)
     now, pending = resolve_devices(device, recipe.evals.devices)
-    artifacts = [(s.artifact.name, built_keys[s.name]) for s in plan.stages if s.artifact and (not targets or s.target in targets)]
+    artifacts = [(s.artifact.name, built_keys[s.name]) for s in plan.stages
+                 if s.artifact and not s.artifact.internal and (not targets or s.target in targets)]
     skipped = _skipped_artifacts(plan.stages)
     rows = []
     for d in now:
@@ -103,7 +104,7 @@ def _skipped_artifacts(stages) -> dict[str, str]:
         reason = s.skip_reason or next((why[i] for i in s.inputs.values() if i in why), None)
         if reason:
             why[s.name] = reason
-    return {s.artifact.name: why[s.name] for s in stages if s.artifact and s.name in why}
+    return {s.artifact.name: why[s.name] for s in stages if s.artifact and not s.artifact.internal and s.name in why}
 
 
 class Ui:

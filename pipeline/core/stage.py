@@ -28,6 +28,9 @@ class ArtifactInfo:
     runtimes: tuple[str, ...] = ()  # runtimes that load it
     bits: int | None = None
     group_size: int | str | None = None
+    #: a candidate another stage chooses from (the budget kind's): built, cached and verified
+    #: like any artifact, but not listed in the report, evaluated or registered itself
+    internal: bool = False
 
 
 @dataclass

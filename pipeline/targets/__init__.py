@@ -29,6 +29,7 @@ KINDS: dict[str, str] = {
     "fp8": "pipeline.targets.compressed:FP8",
     "gguf": "pipeline.targets.gguf:GGUF",
     "tensorrt": "pipeline.targets.tensorrt:TENSORRT",
+    "budget": "pipeline.targets.budget:BUDGET",
 }
 
 

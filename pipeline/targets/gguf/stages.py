@@ -61,7 +61,8 @@ DECODE_TOKENS = 8
 def plan_stages(target, ctx) -> list[Stage]:
     from pipeline import __version__
 
-    index = ctx.recipe.targets.index(target)
+    # The index only words error messages; a budget target's candidate is not in the list.
+    index = next((i for i, t in enumerate(ctx.recipe.targets) if t is target), target.name)
     convert = _convert_stage(target, index, ctx, __version__)
     stages = [convert]
     imatrix = None
