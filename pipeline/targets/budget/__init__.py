@@ -13,7 +13,8 @@ Why quantforge does this itself: each library's search stays inside its own form
 (auto-round's AutoScheme, ModelOpt's AutoQuantize, llama.cpp's per-tensor types); the
 choice a user faces is between formats.
 
-Settings and declaration only; the stages live in :mod:`pipeline.targets.budget.stages`.
+Settings and declaration only. Its stages score candidates, which is eval work, so they live in the
+evals layer (:mod:`evals.budget`), above the kinds whose planners they call.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from pipeline.targets.base import ArtifactFormat, CheckContext, Found, KindDeclaration, TargetBase
+from pipeline.targets.base import CheckContext, Found, KindDeclaration, TargetBase
 
 
 def _device(name: str) -> str:
@@ -136,7 +137,7 @@ class BudgetTarget(TargetBase):
 BUDGET = KindDeclaration(
     kind="budget",
     settings=BudgetTarget,
-    planner="pipeline.targets.budget.stages:plan_stages",
+    planner="evals.budget:plan_stages",
     summary="the best candidate (any kinds) within a bits-per-weight or size budget, chosen on held-out text",
     # Its artifact is one of the candidates' formats, known when it has been chosen (the build
     # report then names that kind, and the eval and registry treat it as one).

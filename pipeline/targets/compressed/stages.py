@@ -405,7 +405,8 @@ def model_card(target, model_class: str, dtype: str, source, quant_config: dict)
     (the registry's version description and report.html), this folder to every recipe that
     builds the same thing.
     """
-    from pipeline.targets.cards import card_data, hub_card, usage_sections
+    from pipeline.backends.model_card import card_data, hub_card
+    from pipeline.targets.cards import usage_sections
 
     params = target.model_dump(mode="json", exclude={"name", "gates", "kind"})
     fmt = quant_config.get("format", storage_format(target))

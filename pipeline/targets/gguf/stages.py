@@ -425,7 +425,8 @@ def check_decode(path: Path) -> dict:
 def readme_text(out_name: str, quant: str, params: dict, base: dict, imatrix: bool) -> str:
     """README.md beside the GGUF: what it is, from which source (the lineage the converter wrote
     into the file), how it was made, and how to download and serve it."""
-    from pipeline.targets.cards import FOLDER, card_data, hub_card, identity_from_gguf_metadata, usage_sections
+    from pipeline.backends.model_card import card_data, hub_card
+    from pipeline.targets.cards import FOLDER, identity_from_gguf_metadata, usage_sections
 
     meta = base.get("metadata", {})
     source = identity_from_gguf_metadata(meta)

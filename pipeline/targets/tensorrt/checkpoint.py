@@ -132,7 +132,8 @@ def write_model_card(out_dir: Path, *, quant: str, kv_cache_quant: str | None, s
     model and its exact revision from the source stage's lineage (pipeline.targets.cards),
     never a local path.
     """
-    from pipeline.targets.cards import MODELOPT_FLAGS, card_data, hub_card, source_identity, usage_sections
+    from pipeline.backends.model_card import card_data, hub_card
+    from pipeline.targets.cards import MODELOPT_FLAGS, source_identity, usage_sections
 
     ident = source_identity(source)
     _, hf_quant = read_quant_config(out_dir)
