@@ -1,6 +1,6 @@
 """How many times a cold run reads each stored byte to hash it: SHA-256 bytes over the store's bytes.
 
-    python benchmarks/hash_count.py [RECIPE] [--json OUT]
+    python benchmarks/hash_count.py [RECIPE] [--json OUT] [--repo CHECKOUT]
 
 Runs ``quantforge run RECIPE`` (build, eval, register into a fresh local MLflow) on an empty
 artifacts folder, with every Python process it starts counting the bytes it feeds to SHA-256
@@ -78,25 +78,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe", nargs="?", default="recipes/tiny.yaml")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--repo", type=Path, default=REPO, help="the quantforge checkout to run (another commit's, to compare)")
     a = ap.parse_args(argv)
+    repo = a.repo.resolve()
     with tempfile.TemporaryDirectory(prefix="qf-hash-") as tmp:
         tmp = Path(tmp)
         (tmp / "site").mkdir()
         (tmp / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         log = tmp / "hashes.log"
         env = {**os.environ, "QF_HASH_LOG": str(log),
-               "PYTHONPATH": os.pathsep.join([str(tmp / "site"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+               "PYTHONPATH": os.pathsep.join([str(tmp / "site"), str(repo), os.environ.get("PYTHONPATH", "")])}
         artifacts = tmp / "artifacts"
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "run", a.recipe, "--artifacts-dir", str(artifacts),
-                               "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"], cwd=REPO, env=env, capture_output=True, text=True)
+                               "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"], cwd=repo, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         if proc.returncode not in (0, 3):  # 3: an artifact failed its gate, which hashing does not care about
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
             return proc.returncode
         per_process = [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
         hashed, stored = sum(per_process), store_bytes(artifacts)
-    out = {"recipe": a.recipe, "exit": proc.returncode, "seconds": round(seconds, 1), "processes_hashing": len(per_process),
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    out = {"recipe": a.recipe, "commit": commit, "exit": proc.returncode, "seconds": round(seconds, 1), "processes_hashing": len(per_process),
            "sha256_bytes": hashed, "store_bytes": stored, "reads_per_stored_byte": round(hashed / stored, 2) if stored else None}
     print(json.dumps(out, indent=2))
     if a.json:
