@@ -81,7 +81,7 @@ class BudgetTarget(TargetBase):
         for j, raw in enumerate(self.candidates):
             where = ("candidates", j)
             kind = raw.get("kind") if isinstance(raw, dict) else None
-            if kind is None:
+            if not isinstance(kind, str):
                 out.append((j, None, [((*where, "kind"), "a candidate needs a `kind:` (gptq, awq, autoround, fp8, gguf, ...)")]))
                 continue
             if kind not in registered():
