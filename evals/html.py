@@ -1,6 +1,7 @@
 """One self-contained HTML page per recipe, next to report.json: what a person opens to decide.
 
-Tables per device (the recommended artifact marked), the plots (inline PNG), the
+Tables per device (the table model of :mod:`evals.table`: the terminal's columns and
+cell text, the recommended artifact marked), per-task scores, the plots (inline PNG), the
 gates' verdicts with the failed checks, the build facts and the lineage. No
 scripts, no external resources: it opens from a CI artifact, an MLflow run's
 artifacts view, or a mail attachment the same way.
@@ -12,6 +13,7 @@ import base64
 import html
 from pathlib import Path
 
+from evals import table
 from pipeline.core.report import EvalEntry, Report
 
 PAGE = "report.html"
@@ -23,7 +25,7 @@ th,td{border:1px solid #d0d7de;padding:.3em .6em;text-align:right}th{background:
 td:not(.l){white-space:nowrap}figure{margin:1em 0}figcaption{max-width:1100px}
 td.l,th.l{text-align:left}tr.recommended{background:#dafbe1;font-weight:600}tr.source{background:#f6f8fa}
 .passed{color:#1a7f37}.failed{color:#cf222e}.pending,.unverified,.skipped{color:#9a6700}
-.note{color:#57606a;font-size:.92em}.rec{background:#dafbe1;border:1px solid #4ac26b;padding:.6em 1em;border-radius:6px;display:inline-block}
+.note{color:#57606a;font-size:.92em}td.dequantized{font-style:italic}td.marginal{text-decoration:underline dotted}.rec{background:#dafbe1;border:1px solid #4ac26b;padding:.6em 1em;border-radius:6px;display:inline-block}
 img{max-width:100%;border:1px solid #d0d7de;margin:.4em 0}code{background:#f6f8fa;padding:0 .3em;border-radius:4px}
 """
 
@@ -32,116 +34,82 @@ def _e(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _num(v, fmt: str) -> str:
-    return "" if v is None else format(v, fmt)
+def _results(report: Report, device: str) -> str:
+    """The device's results table: the columns, rows and cell text of the table model
+    (:mod:`evals.table`, as in the terminal), with classes for the source, the recommended
+    row, dequantized runtimes, and the gate's verdict."""
+    t = table.for_device(report, device)
+
+    def td(c: table.Column, r: dict, text: str) -> str:
+        cls = ["l"] if c.left else []
+        title = ""
+        if c.key == "gate":
+            cls += [r["gate"] or "pending"] + (["marginal"] if r["gate_marginal"] else [])
+        elif c.key == "runtime" and r["dequantized"]:
+            cls.append("dequantized")
+        elif c.key == "ceiling" and r["roofline_pct"] is not None:
+            title = f' title="decode reached {table.num(r["roofline_pct"], ".0f")} % of it"'
+        return f'<td class="{" ".join(cls)}"{title}>{_e(text)}</td>' if cls else f"<td{title}>{_e(text)}</td>"
+
+    head = "".join(f'<th class="l">{_e(c.header)}</th>' if c.left else f"<th>{_e(c.header)}</th>" for c in table.COLUMNS)
+    body = []
+    for r, row in zip(t.records, t.rows):
+        cls = "source" if r["artifact"] == "source" and r["gate"] == "baseline" else ("recommended" if r["recommended"] else "")
+        body.append(f'<tr class="{cls}">' + "".join(td(c, r, row[c.key]) for c in table.COLUMNS) + "</tr>")
+    return (f"<table class='results' data-device='{_e(device)}'><thead><tr>{head}</tr></thead><tbody>"
+            + "".join(body) + "</tbody></table>")
 
 
-def _small(v, fmt: str) -> str:
-    """Like _num, but a nonzero value that `fmt` would print as zero keeps 2 significant digits
-    (below 1e-8 it is rounding noise: the source against itself)."""
-    if v is not None and abs(v) >= 1e-8 and float(format(v, fmt)) == 0:
-        return format(v, ".1e")
-    return _num(v, fmt)
-
-
-def _size(n) -> str:
-    return "" if not n else f"{n / 2**20:,.1f} MiB"
-
-
-def _pm(v, err, fmt: str, small: bool = False) -> str:
-    """A value ± its standard error (as llama-perplexity prints it)."""
-    if v is None:
+def _tasks(report: Report, device: str) -> str:
+    """Per lm-eval task: accuracy ± its error, and an artifact's change from the source ± the
+    paired error (the results table has their mean), formatted as the table formats them."""
+    models = list(table.entries(report, device))
+    names = sorted({n for _, ev, _ in models for n in ev.tasks})
+    if not names:
         return ""
-    text = _small(v, fmt) if small else _num(v, fmt)
-    efmt = fmt.lstrip("+")  # an error has no sign
-    return text + (f" ± {_small(err, efmt) if small else _num(err, efmt)}" if err is not None else "")
 
+    def cell(ev: EvalEntry, name: str, is_source: bool) -> str:
+        s = ev.tasks.get(name)
+        if s is None:
+            return "<td></td>"
+        text = table.pm(100 * s.value, None if s.stderr is None else 100 * s.stderr, ".1f")
+        if not is_source and s.delta is not None:
+            d = table.pm(100 * s.delta, None if s.delta_stderr is None else 100 * s.delta_stderr, "+.1f")
+            text = f"{_e(text)} <span class='note'>Δ {_e(d)}</span>"
+        return f"<td>{text}</td>"
 
-def _task_cell(ev: EvalEntry, task: str, is_source: bool) -> str:
-    """Accuracy ± its error; for an artifact also its change from the source ± the paired error."""
-    t = ev.tasks.get(task)
-    if t is None:
-        return ""
-    text = _num(t.value * 100, ".1f") + (" ± " + _num(t.stderr * 100, ".1f") if t.stderr else "")
-    if not is_source and t.delta is not None:
-        text += f"<br><span class='note'>Δ {t.delta * 100:+.1f}" + (f" ± {t.delta_stderr * 100:.1f}" if t.delta_stderr is not None else "") + "</span>"
-    return text
-
-
-def _row(name: str, ev: EvalEntry, gate: str, cls: str, tasks: list[str], bpw: tuple = (None, None)) -> str:
-    from evals.runtimes import runtime_label
-
-    m = ev.metrics
-    src = cls == "source"
-    cells = [
-        f'<td class="l">{_e(name)}</td>',
-        f'<td class="l">{_e(runtime_label(ev.runtime, ev.dequantized))}</td>',
-        f"<td>{_num(bpw[0], '.2f')}</td>",
-        f"<td>{_num(bpw[1], '.2f')}</td>",
-        f"<td>{_size(m.size_bytes)}</td>",
-        f"<td>{_num(m.perplexity, '.3f')}</td>",
-        f"<td>{'' if src else _pm(m.delta_ppl_pct, m.delta_ppl_pct_err, '+.2f')}</td>",
-        f"<td>{'' if src else _pm(m.kl_mean, m.kl_mean_err, '.4f', small=True)}</td>",
-        f"<td>{_small(m.kl_p99, '.3f')}</td>",
-        f"<td>{_num(m.top1_agreement_pct, '.1f')}</td>",
-        *[f"<td>{_task_cell(ev, t, src)}</td>" for t in tasks],
-        f"<td>{_num(m.prefill_tps, ',.0f')}</td>",
-        f"<td>{_num(m.decode_tps, ',.1f')}</td>",
-        f"<td>{_num(m.decode_bound_tps, ',.0f')}{' (' + _num(m.roofline_pct, '.0f') + ' %)' if m.roofline_pct is not None else ''}</td>",
-        f'<td class="l {gate.split()[0]}">{_e(gate)}</td>',
-    ]
-    return f'<tr class="{cls}">' + "".join(cells) + "</tr>"
+    head = "<th class='l'>artifact</th>" + "".join(f"<th>{_e(n)}%</th>" for n in names)
+    rows = "".join(f"<tr><td class='l'>{_e(m)}</td>" + "".join(cell(ev, n, a is None) for n in names) + "</tr>" for m, ev, a in models)
+    return (f"<table class='tasks' data-device='{_e(device)}'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            "<p class='note'>Per task: accuracy ± its error; Δ: the change from the source in points ± its paired error "
+            "(same items).</p>")
 
 
 def device_section(report: Report, device: str, folder: Path | None = None) -> str:
-    from evals.policy import GATE_Z, describe_check, marginal
+    from evals.policy import describe_check
 
     info = report.devices[device]
     fp = info.fingerprint
     rec = report.recommendations.get(device)
-    tasks = sorted({t for a in report.built() for t in (a.evals.get(device) or EvalEntry()).tasks}
-                   | set((report.baseline.get(device) or EvalEntry()).tasks))
-    head = ["artifact", "runtime", "bpw linear", "bpw model", "size", "ppl", "Δppl % ± s.e.", "KL mean ± s.e.", "KL p99", "top-1 %",
-            *[f"{t} %" for t in tasks], "prefill tok/s", "decode tok/s", "ceiling tok/s (% reached)", "gate"]
-    src = report.source
-    rows = [_row("source", report.baseline.get(device) or EvalEntry(), "baseline", "source", tasks,
-                 (src.bpw_linear, src.bpw_model) if src else (None, None))]
-    notes = []
+    notes = [f"{r['artifact']}: {r['status']}: {r['reason']}" for r in table.records(report, device)
+             if r["status"] in ("skipped", "failed") and r["reason"]]
     for a in report.built():
-        ev = a.evals.get(device) or EvalEntry()
-        gate = a.gates.status if a.gates else "-"
-        recommended = rec is not None and rec.artifact == a.name
-        if marginal(a.gates, device):
-            gate += " (marginal)"
-        rows.append(_row(a.name + (" (recommended)" if recommended else ""), ev, gate if ev.status == "done" else f"{gate} ({ev.status})",
-                         "recommended" if recommended else "", tasks, (a.bpw_linear, a.bpw_model)))
-        if ev.reason:
-            notes.append(f"{a.name}: {ev.status}: {ev.reason}")
         for check in (a.gates.checks if a.gates else []):
             if check.device == device and check.name != "evaluated" and (not check.passed or check.clear is False):
                 notes.append(f"{a.name}: {describe_check(check)}")
     where = fp.get("gpu") or fp.get("cpu_model", "")
     out = [f"<h2 id='device-{_e(device)}'>{_e(device)}: {_e(where)} <span class='note'>[{_e(info.fingerprint_hash)}]</span></h2>"]
     if rec is not None:
-        text = f"Ship <b>{_e(rec.artifact)}</b> on {_e(device)}: {_e(rec.reason)}" if rec.artifact else f"Nothing to ship on {_e(device)}: {_e(rec.reason)}"
+        text = f"Ship <b>{_e(rec.artifact)}</b> (*) on {_e(device)}: {_e(rec.reason)}" if rec.artifact else f"Nothing to ship on {_e(device)}: {_e(rec.reason)}"
         out.append(f'<p class="rec" id="recommended-{_e(device)}">{text}</p>')
         if rec.pareto:
             out.append(f"<p class='note'>Pareto front ({_e(rec.front or 'size vs KL divergence')}): {_e(', '.join(rec.pareto))}"
                        + (f"; at equal bits (linear-layer bits per weight vs KL): {_e(', '.join(rec.pareto_bits))}" if rec.pareto_bits else "")
                        + "</p>")
-    out.append(f"<table class='results' data-device='{_e(device)}'><thead><tr>" + "".join(f'<th class="{"l" if h in ("artifact", "runtime", "gate") else ""}">{_e(h)}</th>' for h in head)
-               + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    out.append(_results(report, device))
     out += [f"<p class='note'>{_e(n)}</p>" for n in notes]
-    out.append("<p class='note'>bpw: bits per weight counted from the artifact's files, of the decoder's linear layers and of "
-               "the whole model. ± one standard error, computed as llama-perplexity does; a gate check is marginal when its "
-               f"threshold lies within {GATE_Z:g} standard errors of the value. Task cells: accuracy ± its error, and the change "
-               "from the source ± its paired error (same items).</p>")
-    bw = info.bandwidth
-    if bw.get("bandwidth_gbs"):
-        out.append(f"<p class='note'>Ceiling: the batch-1 decode bound the format buys, {bw['bandwidth_gbs']} GB/s ({_e(bw.get('method'))}) "
-                   "divided by the artifact's stored weight bytes read per token; in brackets, the share of it the measured "
-                   "decode reached. Dequantized: the runtime expanded low-bit weights to floats (no low-bit kernels ran), "
-                   "so its speed is not the format's.</p>")
+    out += [f"<p class='note'>{_e(line)}</p>" for line in table.legend(report, device, recommendation=False)]
+    out.append(_tasks(report, device))
     if folder is not None:
         out.append(_plot(folder, device))
         out.append(_bits_plot(folder, device))
@@ -219,8 +187,8 @@ def page(report: Report, folder: Path) -> str:
                  "<th>bpw linear</th><th>bpw model</th><th>size</th>"
                  "<th>build s</th><th class='l'>status</th><th class='l'>content sha256</th></tr></thead><tbody>"
                  + "".join(f"<tr><td class='l'>{_e(a.name)}</td><td class='l'>{_e(a.format)}</td>"
-                           f"<td>{_num(a.bpw_linear, '.2f')}</td><td>{_num(a.bpw_model, '.2f')}</td><td>{_size(a.bytes)}</td>"
-                           f"<td>{_num(a.build_seconds, '.1f')}</td><td class='l {_e(a.status)}'>{_e(a.status)}{': ' + _e(a.reason) if a.reason else ''}</td>"
+                           f"<td>{table.bpw(a.bpw_linear)}</td><td>{table.bpw(a.bpw_model)}</td><td>{table.size(a.bytes)}</td>"
+                           f"<td>{table.num(a.build_seconds, '.1f')}</td><td class='l {_e(a.status)}'>{_e(a.status)}{': ' + _e(a.reason) if a.reason else ''}</td>"
                            f"<td class='l'><code>{_e((a.content_sha256 or '')[:16])}</code></td></tr>" for a in report.artifacts)
                  + "</tbody></table>")
     parts.append(_commands(report))

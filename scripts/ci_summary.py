@@ -5,8 +5,9 @@
     scripts/ci_summary.py --matrix matrix.json >> "$GITHUB_STEP_SUMMARY"
 
 Per report: the build (status, size, registry version and aliases per
-artifact), one table per device (the source's baseline, then each artifact's
-accuracy relative to it and its speed, with the runtime that measured it), and
+artifact), one table per device (the table ``quantforge report`` prints, from
+the same model, evals.table: the source, then each artifact's bits, size,
+accuracy relative to the source and speed, with the runtime that measured it), and
 the gates (failed checks, devices still pending). ``--device`` limits the eval
 tables to one device (an eval job's own summary). A missing report prints a
 line saying so and exits 0: a summary never hides the failure of the step that
@@ -30,9 +31,9 @@ MAX_REASON = 300
 
 def esc(value: Any) -> str:
     """A value safe inside a Markdown table cell (no pipes, newlines or raw HTML)."""
-    text = "" if value is None else str(value)
-    text = " ".join(text.split())
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    from evals.table import md_cell
+
+    return md_cell(value)
 
 
 def code(value: Any) -> str:
@@ -43,19 +44,6 @@ def code(value: Any) -> str:
 def short(value: Any, n: int = MAX_REASON) -> str:
     text = " ".join(str(value or "").split())
     return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def num(value: Any, fmt: str = "{:.2f}") -> str:
-    if value is None:
-        return "–"
-    try:
-        return fmt.format(float(value))
-    except (TypeError, ValueError):
-        return esc(value)
-
-
-def mib(n: Any) -> str:
-    return "–" if n is None else f"{float(n) / 2**20:.2f}"
 
 
 def table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
@@ -82,36 +70,29 @@ def _registry_cell(reg) -> str:
     return cell
 
 
-def _eval_rows(report, device: str) -> tuple[list[list[str]], list[str]]:
-    rows, notes = [], []
-    base = report.baseline.get(device)
+def _eval_table(report, device: str) -> tuple[list[str], list[str]]:
+    """The device's results table (the table model's columns and cells, evals.table, as
+    ``quantforge report`` prints them) and notes on the models not measured there."""
+    from evals.table import entries, for_device
 
-    def row(name: str, kind: str, ev) -> list[str]:
-        m = ev.metrics
-        status = ev.status or "–"
-        if status != "done" and ev.reason:
-            notes.append(f"- {code(name)} on {code(device)}: {esc(status)}: {esc(short(ev.reason))}")
+    notes = []
+    measured = False
+    for name, ev, a in entries(report, device):
+        if (a.evals if a is not None else report.baseline).get(device) is None:
+            continue
+        measured = True
+        if ev.status != "done" and ev.reason:
+            notes.append(f"- {code(name)} on {code(device)}: {esc(ev.status)}: {esc(short(ev.reason))}")
         elif ev.speed_reason:
             notes.append(f"- {code(name)} on {code(device)}: speed not measured: {esc(short(ev.speed_reason))}")
-        runtime = esc(ev.runtime or "–") + (" (dequantized)" if ev.dequantized else "")
-        return [
-            code(name), esc(kind), esc(status), runtime,
-            num(m.perplexity, "{:.3f}"), num(m.delta_ppl_pct, "{:+.2f}"),
-            num(m.kl_mean, "{:.4f}"), num(m.top1_agreement_pct, "{:.1f}"),
-            num(m.decode_tps, "{:.1f}"), num(m.decode_speedup, "{:.2f}×"),
-            mib(m.size_bytes),
-        ]
-
-    if base is not None:
-        rows.append(row("source", "source", base))
-    for a in report.artifacts:
-        ev = a.evals.get(device)
-        if ev is not None:
-            rows.append(row(a.name, a.kind, ev))
-    return rows, notes
+    if not measured:
+        return [], notes
+    return for_device(report, device).markdown(code=("artifact",)) + [""], notes
 
 
 def render_report(report, device: str | None = None, title: str | None = None) -> str:
+    from evals.table import legend, num, size
+
     out: list[str] = [f"## {esc(title or f'quantforge: {report.recipe}')}", ""]
     facts = [f"recipe {code(report.recipe)}"]
     if report.recipe_sha256:
@@ -133,26 +114,27 @@ def render_report(report, device: str | None = None, title: str | None = None) -
     for a in report.artifacts:
         label = a.name + (f" ({a.variant})" if a.variant and a.variant not in a.name else "")
         rows.append([code(label), esc(a.kind), esc(a.format or "–"), STATUS_ICON.get(a.status, esc(a.status)),
-                     mib(a.bytes), num(a.build_seconds, "{:.1f}"), _registry_cell(a.registry)])
+                     size(a.bytes, "–"), num(a.build_seconds, ".1f", "–"), _registry_cell(a.registry)])
         if a.status in ("failed", "skipped") and a.reason:
             notes.append(f"- {code(a.name)}: {esc(a.status)}: {esc(short(a.reason))}")
     out += ["### Artifacts", ""]
-    out += table(["artifact", "kind", "format", "status", "MiB", "build s", "registry"], rows) or ["_no artifacts in the report_", ""]
+    out += table(["artifact", "kind", "format", "status", "size", "build s", "registry"], rows) or ["_no artifacts in the report_", ""]
 
     # Evals per device
     devices = [device] if device else list(dict.fromkeys([*report.devices, *report.baseline, *(d for a in report.artifacts for d in a.evals)]))
     for d in devices:
         info = report.devices.get(d)
         state = info.status if info is not None else ("done" if d in report.baseline else "pending")
-        rows, dev_notes = _eval_rows(report, d)
+        lines, dev_notes = _eval_table(report, d)
         out += [f"### Eval on {code(d)} ({esc(state)})", ""]
         if state != "done" and info is not None and info.reason:
             out += [f"_{esc(short(info.reason))}_", ""]
-        out += table(["model", "kind", "status", "runtime", "perplexity", "Δppl %", "KL mean", "top-1 %", "decode tok/s", "speedup", "MiB"], rows) \
-            or ["_no results on this device yet_", ""]
+        out += lines or ["_no results on this device yet_", ""]
         rec = report.recommendations.get(d)
         if rec is not None:
-            out += [f"Recommended on {code(d)}: " + (f"**{code(rec.artifact)}** ({esc(short(rec.reason))})" if rec.artifact else esc(short(rec.reason))), ""]
+            out += [f"Recommended on {code(d)}: " + (f"**{code(rec.artifact)}** (*): {esc(short(rec.reason))}" if rec.artifact else esc(short(rec.reason))), ""]
+        if lines:
+            out += [f"- {esc(line)}" for line in legend(report, d, recommendation=False)] + [""]
         notes += dev_notes
 
     # Gates
@@ -164,7 +146,7 @@ def render_report(report, device: str | None = None, title: str | None = None) -
         failed = [c for c in g.checks if not c.passed]
         why = "; ".join(
             f"{c.name} on {c.device}: "
-            + (f"{num(c.value, '{:.4g}')} vs {num(c.threshold, '{:.4g}')}" if c.value is not None else short(c.reason or "not measured", 120))
+            + (f"{num(c.value, '.4g', '–')} vs {num(c.threshold, '.4g', '–')}" if c.value is not None else short(c.reason or "not measured", 120))
             for c in failed
         )
         rows.append([code(a.name), GATE_ICON.get(g.status, esc(g.status or "–")),

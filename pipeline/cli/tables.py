@@ -16,16 +16,6 @@ def make_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 160)
 
 
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):  # powers of 1024: say so
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def plan_table(rows, width: int | None = None):
     """The stages with hit/miss/skip. Skip reasons are long: they follow the table, each once,
     with the stages it applies to. Stage names and statuses never wrap or shrink: at a narrow
@@ -73,6 +63,8 @@ def plan_table(rows, width: int | None = None):
 
 
 def print_build_summary(report, results, path: Path) -> None:
+    from evals.table import bpw, num, size
+
     console = make_console()
     counts: dict[str, int] = {}
     for r in results.values():
@@ -82,9 +74,9 @@ def print_build_summary(report, results, path: Path) -> None:
         table.add_column(col, overflow="fold")
     for a in report.artifacts:
         style = {"built": "green", "failed": "red", "skipped": "yellow"}.get(a.status, "dim")
-        secs = f"{a.build_seconds:.1f}" if a.build_seconds is not None else "-"
-        bpw = f"{a.bpw_linear:.2f}" if a.bpw_linear is not None else "-"  # linear layers (report.json: bpw_linear)
-        table.add_row(a.name, a.kind, f"[{style}]{a.status}[/{style}]", bpw, human_bytes(a.bytes), secs, a.reason or a.format)
+        secs = num(a.build_seconds, ".1f", "-")
+        # bpw of the linear layers (report.json: bpw_linear), formatted as the results table formats it
+        table.add_row(a.name, a.kind, f"[{style}]{a.status}[/{style}]", bpw(a.bpw_linear, "-"), size(a.bytes), secs, a.reason or a.format)
     console.print(table)
     console.print("stages: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f"   report: {path}")
 

@@ -10,10 +10,9 @@ measured on each device.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from pipeline.core.report import ArtifactReport, EvalEntry, Metrics, Report
-from pipeline.registry.promotion import CANDIDATE_ALIAS, CHAMPION_ALIAS, gate_word, recommended_alias
+from pipeline.registry.promotion import CANDIDATE_ALIAS, CHAMPION_ALIAS, recommended_alias
 from pipeline.targets.cards import serve_commands  # noqa: F401 - shared with the build-time model cards
 
 SIGNIFICANT = 5  # digits kept in metric values (a perplexity of 140.88280336464317 reads 140.88)
@@ -44,43 +43,27 @@ def entry_values(ev: EvalEntry) -> dict[str, float]:
     return out
 
 
-def _size(n: int | None) -> str:
-    return "–" if not n else f"{n / 2**20:.2f} MiB"
+def _table(report: Report, device: str) -> list[str]:
+    """The device's results table as Markdown: the table model's columns and cells (evals.table,
+    as ``quantforge report`` prints them), names as code spans."""
+    from evals.table import for_device
+
+    return for_device(report, device).markdown(code=("artifact",))
 
 
-def _f(v: Any, fmt: str) -> str:
-    return "–" if v is None else format(v, fmt)
+def _measured(report: Report, a: ArtifactReport, devices: list[str]) -> list[str]:
+    """One artifact's row of each device's table (the same cells), a row per device, and what
+    the cells mean (the tables' legends)."""
+    from evals.table import COLUMNS, Column, for_device, legend, markdown_lines
 
-
-def _cell(text: Any) -> str:
-    return " ".join(str(text if text is not None else "").split()).replace("|", "\\|")
-
-
-TABLE_HEAD = ["model", "runtime", "size", "perplexity", "Δppl %", "KL mean", "KL p99", "top-1 %", "prefill tok/s", "decode tok/s", "gate"]
-
-
-def _row(name: str, ev: EvalEntry, a: ArtifactReport | None, report: Report, device: str) -> list[str]:
-    m = ev.metrics
-    rt = (ev.runtime or "–") + (" (dequantized)" if ev.dequantized else "")
-    if a is None:
-        gate = "baseline"
-    else:
-        gate = gate_word((a.gates.per_device().get(device)) if a.gates else None)
-        gate = {"true": "passed", "false": "failed"}.get(gate, gate)
-        rec = report.recommendations.get(device)
-        if rec is not None and rec.artifact == a.name:
-            gate += ", **recommended**"
-    if ev.status != "done":
-        return [f"`{name}`", rt, _size(a.bytes if a else m.size_bytes), ev.status, "", "", "", "", "", "", gate]
-    return [f"`{name}`", rt, _size(m.size_bytes or (a.bytes if a else None)), _f(m.perplexity, ".3f"),
-            _f(m.delta_ppl_pct, "+.2f") if a else "", _f(m.kl_mean, ".2e") if a else "", _f(m.kl_p99, ".2e") if a else "",
-            _f(m.top1_agreement_pct, ".1f") if a else "", _f(m.prefill_tps, ",.0f"), _f(m.decode_tps, ",.1f"), gate]
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "---|" * len(TABLE_HEAD)]
-    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
-    return out
+    rows = []
+    for d in devices:
+        row = for_device(report, d).row(a.name)
+        if row is not None:
+            rows.append({**row, "artifact": d})
+    cols = [Column("artifact", "device", 0, left=True), *COLUMNS[1:]]
+    notes = dict.fromkeys(line for d in devices for line in legend(report, d, recommendation=False))
+    return [*markdown_lines(cols, rows, code=("artifact",)), "", *(f"- {line}" for line in notes)]
 
 
 def devices_of(report: Report) -> list[str]:
@@ -88,7 +71,10 @@ def devices_of(report: Report) -> list[str]:
 
 
 def build_note(report: Report) -> str:
-    """The build run's description: per device, the source and every artifact side by side."""
+    """The build run's description: per device, the source and every artifact side by side (the
+    table ``quantforge report`` prints, from the same model)."""
+    from evals.table import legend
+
     src = report.source
     lines = [f"**{report.recipe}**: quantized builds of `{src.model if src else '?'}`"
              + (f" (revision `{src.commit or src.revision}`)" if src else "") + "."]
@@ -104,13 +90,12 @@ def build_note(report: Report) -> str:
             continue
         fp = info.fingerprint if info else {}
         what = fp.get("gpu") or fp.get("cpu_model") or ""
-        rows = [_row("source", report.baseline.get(device) or EvalEntry(), None, report, device)]
-        rows += [_row(a.name, a.evals.get(device) or EvalEntry(), a, report, device) for a in report.built()]
-        block = [f"### {device}" + (f": {what}" if what else ""), "", *_table(rows)]
+        block = [f"### {device}" + (f": {what}" if what else ""), "", *_table(report, device)]
         rec = report.recommendations.get(device)
         if rec is not None:
-            block += ["", f"Recommended on {device}: " + (f"**{rec.artifact}** (alias `@{recommended_alias(device)}`): {rec.reason}"
+            block += ["", f"Recommended on {device}: " + (f"**{rec.artifact}** (*, alias `@{recommended_alias(device)}`): {rec.reason}"
                                                          if rec.artifact else rec.reason) + "."]
+        block += ["", *(f"- {line}" for line in legend(report, device, recommendation=False))]
         lines.append("\n".join(block))
     return "\n\n".join(lines)[:7900]
 
@@ -143,15 +128,7 @@ def version_description(report: Report, a: ArtifactReport, model: str, version: 
     devices = [d for d in devices_of(report) if d in a.evals]
     if devices:
         lines += ["", "#### Measured (against the source, on the same text)", ""]
-        rows = []
-        for d in devices:
-            ev = a.evals[d]
-            r = _row(a.name, ev, a, report, d)
-            r[0] = f"`{d}`"
-            rows.append(r)
-        head_row = ["device", *TABLE_HEAD[1:]]
-        lines += ["| " + " | ".join(head_row) + " |", "|" + "---|" * len(head_row)]
-        lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+        lines += _measured(report, a, devices)
     g = a.gates
     if g is not None:
         verdict = {"passed": "passed on every required device", "failed": "failed", "pending": "pending (a required device has no results yet)",

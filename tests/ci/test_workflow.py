@@ -379,16 +379,25 @@ def test_summary_renders_a_real_report(report_file):
     assert out.returncode == 0, out.stderr
     md = out.stdout
     assert md.startswith("## eval demo on cpu\n")
-    assert "| `fp8` | fp8 | compressed-tensors | ✅ built | 3.00 | 2.5 | `demo-fp8` v2 (@candidate) |" in md
+    assert "| `fp8` | fp8 | compressed-tensors | ✅ built | 3.0 MiB | 2.5 | `demo-fp8` v2 (@candidate) |" in md
+    assert "| `trt-fp8` | tensorrt | – | ⏭️ skipped | – | – | – |" in md
     assert "### Eval on `cpu` (done)" in md and "### Eval on `cuda` (pending)" in md
-    assert "| `source` | source | done | transformers | 50.000 |" in md
-    assert "| `gguf-Q4_K_M` | gguf | done | llama_cpp | 61.000 | +22.00 |" in md
+    # Each device's table is the one `quantforge report` prints (evals.table), names as code spans.
+    from evals.table import for_device
+    from pipeline.core.report import read_report
+
+    report = read_report(report_file)
+    for device in ("cpu", "cuda"):
+        assert "\n".join(for_device(report, device).markdown(code=("artifact",))) in md
+    assert "| `source` | transformers |  |  | - | 50.000 |" in md
+    assert "| `gguf-Q4_K_M` | llama.cpp |  |  | 3.0 MiB | 61.000 | +22.00 | 0.0120 |" in md
+    assert "| `fp8` | - |  |  | 3.0 MiB | pending |" in md  # pending on cuda
     assert "| `fp8` | ⏳ pending | – | cuda |" in md
     assert "| `gguf-Q4_K_M` | ❌ failed | perplexity_increase_pct on cpu: 22 vs 5 | cuda |" in md
     assert "needs \\| a GPU and tensorrt-llm" in md  # pipes escaped, newlines folded
     for line in md.splitlines():
         if line.startswith("|"):
-            assert len(re.split(r"(?<!\\)\|", line)) in (9, 13, 6), line  # every row has its table's columns
+            assert len(re.split(r"(?<!\\)\|", line)) in (9, 18, 6), line  # every row has its table's columns
 
 
 def test_summary_one_device_and_missing_report(report_file, tmp_path):

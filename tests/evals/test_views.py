@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from evals.table import COLUMNS, for_device
 from pipeline.core.report import Report, write_report
 from tests.registry.conftest import real_report  # noqa: F401 - the fixture
 from tests.registry.reports import variant, with_device
@@ -227,14 +228,17 @@ def test_report_html_states_bits_errors_links_and_commands(report, tmp_path):
     dom.feed(text)
     assert dom.images == 2 and 'id="bits-cpu"' in text
     header = next(r["text"] for r in dom.rows)
-    assert "bpw linear" in header and "Δppl % ± s.e." in header and "KL mean ± s.e." in header
+    assert header == "".join(c.header for c in COLUMNS)  # the table model's columns, as the terminal's
+    model = for_device(report, "cpu")
     for a in report.built():
         row = next(r["text"] for r in dom.rows if r["text"].startswith(a.name))
         m = a.evals["cpu"].metrics
+        assert row == "".join(model.row(a.name)[c.key] for c in COLUMNS)
         assert f"{a.bpw_linear:.2f}" in row and f"{a.bpw_model:.2f}" in row
-        assert f"{m.delta_ppl_pct:+.2f} ± {m.delta_ppl_pct_err:.2f}" in row
+        assert f"{m.delta_ppl_pct:+.2f}±{m.delta_ppl_pct_err:.2f}" in row
+        tasks = "".join(r["text"] for r in dom.rows if r["text"].startswith(a.name))  # and its row of per-task scores
         for t in a.evals["cpu"].tasks.values():
-            assert f"Δ {t.delta * 100:+.1f}" in row
+            assert f"Δ {t.delta * 100:+.1f}" in tasks
     for target in re.findall(r"href='#([^']+)'", text):
         assert f"id='{target}'" in text or f'id="{target}"' in text, target
     for f in re.findall(r"href='([^#'][^']*)'", text):

@@ -57,7 +57,7 @@ def test_printed_download_commands_run_and_failed_gates_offer_no_production(stor
     # the recipe as validated on the build run, the source model on every run.
     exp = c.get_experiment(done.registry.experiment_id)
     note = exp.tags["mlflow.note.content"]
-    assert "| model | runtime |" in note and f"`{FP8}`" in note and f"`{GGUF}`" in note and done.registry.parent_run_id in note
+    assert "| artifact | runtime | bpw |" in note and f"`{FP8}`" in note and f"`{GGUF}`" in note and done.registry.parent_run_id in note
     recipe_file = Path(c.download_artifacts(done.registry.parent_run_id, "quantforge/recipe.yaml", str(tmp_path / "recipe")))
     assert yaml.safe_load(recipe_file.read_text()) == rep.recipe_config
     for a in done.artifacts:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from evals.table import COLUMNS, for_device
 from pipeline.core.report import read_report
 from pipeline.errors import StageFailed
 from pipeline.registry.parts import PARTS_DIR, REPORT_ARTIFACT, REPORT_TAG
@@ -48,7 +49,10 @@ def test_registration_matches_the_real_report_and_is_idempotent(store_dir, repor
     assert parent.data.metrics["cpu.perplexity"] == pytest.approx(base.perplexity, rel=1e-4)
     assert all("nan" not in repr(v) for v in parent.data.metrics.values())
     note = t["mlflow.note.content"]
-    assert "| `source` | transformers |" in note and f"| `{GGUF}` | llama_cpp |" in note and f"| `{FP8}` | transformers (dequantized) |" in note
+    # The table `quantforge report` prints (evals.table), names as code spans.
+    for cells in for_device(rep, "cpu").rows:
+        assert "| " + " | ".join([f"`{cells['artifact']}`", *(cells[c.key] for c in COLUMNS[1:])]) + " |" in note
+    assert "| `source` | transformers |" in note and f"| `{GGUF}` | llama.cpp |" in note and f"| `{FP8}` | transformers dq |" in note
     assert f"Recommended on cpu: **{rep.recommendations['cpu'].artifact}**" in note
     assert parent.info.status == "FINISHED"
     assert sorted(a.path for a in c.list_artifacts(parent.info.run_id, "plots")) == [f"plots/{p.name}" for p in sorted(plots_dir.glob("*.png"))]
@@ -89,7 +93,8 @@ def test_registration_matches_the_real_report_and_is_idempotent(store_dir, repor
         assert f"mlflow artifacts download --artifact-uri models:/{name}/1 -d DIR" in d and f"models:/{name}@production" in d
         serve = [f"llama-server -m DIR/{next(Path(a.path).glob('*.gguf')).name}", f"ollama create {next(Path(a.path).glob('*.gguf')).stem.lower()} -f DIR/Modelfile"] if a.kind == "gguf" else ["vllm serve DIR", "python -m sglang.launch_server --model-path DIR"]
         assert all(s in d for s in serve), d
-        assert f"| `cpu` | {a.evals['cpu'].runtime}" in d and "Gates: **passed on every required device**" in d
+        row = for_device(rep, "cpu").row(a.name)
+        assert "| `cpu` | " + " | ".join(row[c.key] for c in COLUMNS[1:]) + " |" in d and "Gates: **passed on every required device**" in d
         assert str(REPO) not in d and "/tmp" not in d and "Filled in" not in d
         assert c.get_registered_model(name).tags["kind"] == a.kind
 
