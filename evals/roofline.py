@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from pipeline.backends.devices import Device
 
 CPU_BYTES = 256 << 20  # well above any last-level cache of the CPUs here
 CUDA_BYTES = 1 << 30
@@ -28,7 +29,7 @@ REPEATS = 5
 
 def measure_bandwidth(device: str) -> dict:
     """Copy bandwidth in GB/s (1e9 bytes/s, read + written), best of REPEATS."""
-    if device == "cpu":
+    if not Device.of(device).on_gpu:
         import numpy as np
 
         src = np.ones(CPU_BYTES // 8, dtype=np.float64)

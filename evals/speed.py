@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.backends.devices import Device
+
 SPEED_VERSION = "1"
 
 
@@ -121,7 +123,7 @@ def measure(runtime_name: str, path: Path, device: str, threads: int, prompt_len
         "artifact_bytes": sum(r["bytes"] for r in file_table(Path(path))) if Path(path).is_dir() else Path(path).stat().st_size,
         **{k: v for k, v in session.info.items()},
     }
-    if device != "cpu":
+    if Device.of(device).on_gpu:
         if "torch" in sys.modules:  # a torch runtime: its allocator knows the peak
             import torch
 

@@ -43,7 +43,9 @@ IDS_FILE = "ids.npy"
 
 def device_class(device: str) -> str:
     """The key of a kind's runtimes-per-device map: ``cpu``, or ``cuda`` for any GPU class."""
-    return "cpu" if device == "cpu" else "cuda"
+    from pipeline.backends.devices import Device
+
+    return Device.of(device).kind
 
 
 @dataclass(frozen=True)

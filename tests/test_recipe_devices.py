@@ -62,3 +62,18 @@ def test_an_unknown_device_option_gets_a_did_you_mean(write_recipe, tmp_path):
     result = runner.invoke(app, ["plan", str(path), "-d", "h1000", "--artifacts-dir", str(tmp_path / "a")])
     assert result.exit_code == 2
     assert "--device: unknown device 'h1000' (did you mean 'h100'?)" in result.output
+
+
+def test_code_asks_the_device_type_not_its_name():
+    """Runtimes and measurements ask Device.of(...), which also takes one GPU by index (a recipe may not)."""
+    from pipeline.backends.devices import Device
+
+    assert Device.of("cpu").on_gpu is False and Device.of("cpu").torch == "cpu"
+    assert Device.of("cuda").on_gpu and Device.of("cuda").torch == "cuda"
+    one = Device.of("cuda:1")
+    assert one.kind == "cuda" and one.index == 1 and one.torch == "cuda:1"
+    assert Device.of("h100").kind == "cuda" and Device.of("H100").name == "h100"
+    with pytest.raises(ValueError, match="not GPU indices"):
+        Device.parse("cuda:1")
+    with pytest.raises(ValueError, match="did you mean 'cuda'"):
+        Device.of("cdua")

@@ -20,6 +20,7 @@ import numpy as np
 
 from evals.accuracy import log_softmax
 from evals.runtimes.base import Runtime, Session
+from pipeline.backends.devices import Device
 
 
 def gguf_file(path: Path) -> Path:
@@ -62,7 +63,7 @@ class LlamaCppSession(Session):
             n_ubatch=512,
             n_threads=threads,
             n_threads_batch=threads,
-            n_gpu_layers=-1 if device != "cpu" else 0,
+            n_gpu_layers=-1 if Device.of(device).on_gpu else 0,
             logits_all=logits,
             # llama.cpp's own tools (llama-bench, llama-perplexity, llama-server) default to
             # flash attention "auto", which is on for CPU and CUDA; the binding's bool can only
@@ -85,7 +86,7 @@ class LlamaCppSession(Session):
             "file_type": meta.get("general.file_type"),
             "weight_bytes_in_memory": total,
             "weight_bytes_per_token": per_token,
-            "gpu_offload": device != "cpu",
+            "gpu_offload": Device.of(device).on_gpu,
             # llama-perplexity puts BOS at each window start when the GGUF says so; quantforge
             # follows the source tokenizer instead, so the two differ when these disagree.
             "gguf_add_bos": bool(self.llm._model.add_bos_token()),
@@ -154,7 +155,7 @@ class LlamaCppRuntime(Runtime):
         from pipeline.backends import llamacpp
 
         reason = llamacpp.missing()
-        if reason or device == "cpu":
+        if reason or not Device.of(device).on_gpu:
             return reason
         # From the build's VERSION file, not by loading the library into this process (see llamacpp.binding).
         if not llamacpp.backend().startswith("cuda"):

@@ -25,7 +25,9 @@ class ModelOptDequantSession(TransformersSession):
         from pipeline.backends.modelopt import load_modelopt_dequantized, read_quant_config
 
         torch.set_num_threads(threads)
-        self.device = "cpu" if device == "cpu" else "cuda"
+        from pipeline.backends.devices import Device
+
+        self.device = Device.of(device).torch
         dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
         self.model = load_modelopt_dequantized(path, dtype=dtype).to(self.device)
         self.model.eval()

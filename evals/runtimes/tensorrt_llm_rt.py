@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from evals.runtimes.base import Runtime, Session, missing_module_reason
+from pipeline.backends.devices import Device
 
 
 class TensorRtLlmSession(Session):
@@ -42,7 +43,7 @@ class TensorRtLlmRuntime(Runtime):
         reason = missing_module_reason("tensorrt_llm", "tensorrt-llm")
         if reason:
             return reason + "; TensorRT-LLM engines need it and a CUDA GPU"
-        if device == "cpu":
+        if not Device.of(device).on_gpu:
             return "TensorRT-LLM engines run on CUDA GPUs only"
         return None
 

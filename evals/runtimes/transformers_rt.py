@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from evals.runtimes.base import Runtime, Session, missing_module_reason
+from pipeline.backends.devices import Device
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -37,7 +38,7 @@ class TransformersSession(Session):
         if method == "modelopt":
             raise RuntimeError("transformers has no 'modelopt' quant method: it would load this checkpoint silently wrong")
         torch.set_num_threads(threads)
-        self.device = "cpu" if device == "cpu" else "cuda"
+        self.device = Device.of(device).torch
         if self.device == "cpu":
             dtype = torch.float32
         else:
@@ -121,7 +122,7 @@ class TransformersSession(Session):
             return torch.log_softmax(logits, dim=-1).cpu().numpy()
 
     def _sync(self):
-        if self.device == "cuda":
+        if self.device != "cpu":
             import torch
 
             torch.cuda.synchronize()
@@ -151,7 +152,7 @@ class TransformersSession(Session):
 
     def close(self) -> None:
         del self.model
-        if self.device == "cuda":
+        if self.device != "cpu":
             import torch
 
             torch.cuda.empty_cache()
@@ -163,7 +164,7 @@ class TransformersRuntime(Runtime):
 
     def unavailable(self, device: str) -> str | None:
         reason = missing_module_reason("torch", "torch") or missing_module_reason("transformers", "transformers")
-        if reason or device == "cpu":
+        if reason or not Device.of(device).on_gpu:
             return reason
         import torch
 

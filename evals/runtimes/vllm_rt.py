@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from evals.runtimes.base import Runtime, Session, missing_module_reason
+from pipeline.backends.devices import Device
 
 
 class VllmSession(Session):
@@ -47,7 +48,7 @@ class VllmRuntime(Runtime):
         reason = missing_module_reason("vllm", "vllm")
         if reason:
             return reason
-        if device == "cpu":
+        if not Device.of(device).on_gpu:
             return "quantforge runs vLLM on CUDA devices only"
         return None
 

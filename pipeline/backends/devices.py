@@ -223,7 +223,31 @@ class Device:
     class (``h100``: a CUDA GPU of that class). ``kind`` is the class eval runtimes are chosen by."""
 
     name: str
-    kind: Literal["cpu", "cuda"]
+    kind: Literal["cpu", "cuda"]  # room for others (rocm, mps) once a runtime runs on them
+    index: int | None = None  # one GPU of several (`cuda:1`): runtimes take it, recipes name classes
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.kind != "cpu"
+
+    @property
+    def torch(self) -> str:
+        """The torch device string (``cpu``, ``cuda``, ``cuda:1``)."""
+        if self.kind == "cpu":
+            return "cpu"
+        return f"cuda:{self.index}" if self.index is not None else "cuda"
+
+    @classmethod
+    def of(cls, name: "str | Device") -> "Device":
+        """A device as the code that runs on it names it: anything :meth:`parse` takes, and one GPU
+        by index (``cuda:1``). Runtimes and measurements ask this, not ``name == "cpu"``."""
+        if isinstance(name, Device):
+            return name
+        n = name.strip().lower()
+        m = re.fullmatch(r"cuda:(\d+)", n)
+        if m:
+            return cls(n, "cuda", int(m.group(1)))
+        return _parsed(n)
 
     @classmethod
     def parse(cls, name: str) -> "Device":
@@ -246,3 +270,8 @@ class Device:
         close = difflib.get_close_matches(str(n), known, n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown device {name!r}{hint}: use cpu, cuda, or an NVIDIA GPU class such as h100, a100, l4")
+
+
+@lru_cache(maxsize=64)
+def _parsed(name: str) -> Device:
+    return Device.parse(name)

@@ -45,7 +45,9 @@ def wants_gpu(stage, target_kinds: dict[str, str]) -> bool:
     evals on any device but the CPU want a GPU; GGUF, the source and calibration do not."""
     device = eval_device(stage)
     if device is not None:
-        return device != "cpu"
+        from pipeline.backends.devices import Device
+
+        return Device.of(device).on_gpu
     kind = target_kinds.get(stage.target or "")
     if kind is None:
         return False

@@ -360,7 +360,7 @@ def oom_message(stage_name: str, target, samples: int | None, seq_len: int | Non
         "shorter sequences (`calibration.seq_len`)",
         "a GPU: llm-compressor's sequential pipeline onloads one decoder layer at a time, so the model stays on CPU and only a layer and its activations need GPU memory",
     ]
-    if device != "cpu":
+    if device != "cpu":  # a torch device string here (the one the stage quantized on)
         knobs.append("a GPU with more memory, or fewer other jobs on it")
     return (
         f"stage {stage_name}: out of memory on {device} while quantizing the model to "
