@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 SITECUSTOMIZE = '''
-import atexit, hashlib, os
+import atexit, hashlib, os, sys
 _LOG = os.environ["QF_HASH_LOG"]
 _count = [0]
 _sha256, _new = hashlib.sha256, hashlib.new
@@ -66,7 +66,7 @@ hashlib.sha256, hashlib.new = sha256, new
 def _write():
     if _count[0]:
         with open(_LOG, "a") as f:
-            f.write(f"{os.getpid()} {_count[0]}\\n")
+            f.write(f"{os.getpid()} {_count[0]} {' '.join(sys.argv[:2])[-80:]}\\n")
 '''
 
 
@@ -96,11 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode not in (0, 3):  # 3: an artifact failed its gate, which hashing does not care about
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
             return proc.returncode
-        per_process = [int(line.split()[1]) for line in log.read_text().splitlines()] if log.exists() else []
+        rows = [line.split(maxsplit=2) for line in log.read_text().splitlines()] if log.exists() else []
+        per_process = [int(r[1]) for r in rows]
+        by_command: dict[str, int] = {}
+        for r in rows:
+            by_command[r[2] if len(r) > 2 else "?"] = by_command.get(r[2] if len(r) > 2 else "?", 0) + int(r[1])
         hashed, stored = sum(per_process), store_bytes(artifacts)
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     out = {"recipe": a.recipe, "commit": commit, "exit": proc.returncode, "seconds": round(seconds, 1), "processes_hashing": len(per_process),
-           "sha256_bytes": hashed, "store_bytes": stored, "reads_per_stored_byte": round(hashed / stored, 2) if stored else None}
+           "sha256_bytes": hashed, "store_bytes": stored, "reads_per_stored_byte": round(hashed / stored, 2) if stored else None,
+           "sha256_bytes_by_process": dict(sorted(by_command.items(), key=lambda kv: -kv[1]))}
     print(json.dumps(out, indent=2))
     if a.json:
         a.json.write_text(json.dumps(out, indent=2) + "\n")
