@@ -367,7 +367,8 @@ def run_tool(cmd: Sequence[object], *, what: str | None = None, timeout: float |
                               text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         output = _text(exc.output) + _text(exc.stderr)
-        raise ChildFailed(f"{what} did not finish within {timeout:.0f} s:\n{tail(output)}", output=output) from None
+        raise ChildFailed(f"{what} did not finish within {timeout:.0f} s" + (f":\n{tail(output)}" if output.strip() else ""),
+                          output=output) from None
     except OSError as exc:
         raise ChildFailed(f"{what} could not start: {exc}") from None
     if proc.returncode != 0:

@@ -3,8 +3,8 @@
 1. A pre-tokenizer override. The converter identifies a BPE tokenizer by hashing
    how it tokenizes a probe string (``TextModel.get_vocab_base_pre``) and raises
    ``NotImplementedError: BPE pre-tokenizer was not recognized`` for any hash not
-   in its table, with no flag to say which pre-tokenizer the model uses. Given
-   ``--pre-tokenizer NAME`` this module replaces that method *in the child process
+   in its table, with no flag to say which pre-tokenizer the model uses. Given a
+   pre-tokenizer NAME this module replaces that method *in the child process
    only* (installed files stay untouched) so it returns NAME; the caller then
    checks that llama.cpp tokenizes like the HF tokenizer.
 2. Extra metadata keys. The converter's ``--metadata`` override file covers the
