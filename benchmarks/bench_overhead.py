@@ -130,8 +130,8 @@ def child_quantforge(spec: dict) -> dict:
                 calls.setdefault(current["stage"] or "?", []).append([what, round(time.perf_counter() - t, 3)])
         return wrapper
 
-    proc.run_python = timed(proc.run_python, lambda module, args, *a, **k: f"python -m {module}"
-                            + (f" {list(args)[0]}" if module == "pipeline.backends.llamacpp" and list(args) else ""))
+    proc.call = timed(proc.call, lambda module, request, *a, **k: f"python -m {module}"
+                      + (f" {request['command']}" if module == "pipeline.backends.llamacpp" else ""))
     llamacpp.run_tool = timed(llamacpp.run_tool, lambda name, *a, **k: name)
 
     def tracked(stage):
@@ -297,7 +297,12 @@ def bench_gguf(name: str, loaded, recipe: Path, artifacts: Path, ctx: dict, repe
         if target.pre_tokenizer:
             # the plain converter has no flag for it: the smallest way such a model converts at all is
             # quantforge's wrapper with the override alone (no metadata, no tokenizer check)
-            cmd = [sys.executable, "-m", "pipeline.targets.gguf.convert", "--pre-tokenizer", target.pre_tokenizer, "--", *args]
+            from pipeline.core.proc import CHILD_FLAG
+
+            request = d / "convert.json"
+            request.write_text(json.dumps({"command": "convert", "args": [str(a) for a in args], "pre_tokenizer": target.pre_tokenizer,
+                                           "extra_kv": {}, "verify_text": None}))
+            cmd = [sys.executable, "-m", "pipeline.targets.gguf.convert", CHILD_FLAG, request, d / "convert.out.json"]
         else:
             cmd = [converter, *args]
         run = run_measured(cmd, cwd=d, env=child_env())

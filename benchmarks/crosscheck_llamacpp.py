@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import REPO, child_env, host_info  # noqa: E402
+from measure import REPO, host_info  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 PPL_TOL_PCT = 0.5
@@ -50,12 +49,13 @@ SPEED_TOL_PCT = 10.0
 # ------------------------------------------------------------------ the tools
 def llama_perplexity(gguf: Path, text_file: Path, context: int, chunks: int, threads: int, ngl: list[str]) -> dict:
     from pipeline.backends import llamacpp
+    from pipeline.core.proc import tail
 
     out = llamacpp.run_tool("llama-perplexity", ["-m", gguf, "-f", text_file, "-c", context, "-b", context, "--chunks", chunks,
                                                  "-t", threads, "-tb", threads, *ngl], log=lambda m: None)
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     if not m:
-        raise RuntimeError(f"no 'Final estimate' in llama-perplexity's output:\n{llamacpp.tail(out)}")
+        raise RuntimeError(f"no 'Final estimate' in llama-perplexity's output:\n{tail(out)}")
     chunks_done = re.search(r"calculating perplexity over (\d+) chunks", out)
     return {"perplexity": float(m.group(1)), "chunks": int(chunks_done.group(1)) if chunks_done else None}
 
@@ -72,22 +72,20 @@ def llama_bench(gguf: Path, threads: int, gen: int, reps: int, ngl: list[str]) -
 
 
 # ------------------------------------------------------------------ quantforge's side
-def eval_worker(job: dict, work: Path, name: str) -> dict:
+def eval_worker(job: dict, name: str) -> dict:
     """One job of the eval worker (`python -m evals.worker`), as `quantforge eval` runs it: a process
     made for llama.cpp, which loads it first and nothing beside it that a CUDA build cannot share."""
-    job_file, out = work / f"job-{name}.json", work / f"out-{name}.json"
-    job_file.write_text(json.dumps(job))
-    subprocess.run([sys.executable, "-m", "evals.worker", str(job_file), str(out)], check=True, cwd=REPO,
-                   env=child_env(threads=job["threads"]))
-    return json.loads(out.read_text())
+    from pipeline.core.proc import call
+
+    return call("evals.worker", job, what=f"the eval worker ({name})", threads=job["threads"])
 
 
 def quantforge_accuracy(path: Path, ids_file: Path, text_file: Path, context: int, chunks: int, threads: int, device: str,
-                        bos: int | None, work: Path) -> dict:
+                        bos: int | None) -> dict:
     """The eval's accuracy measurement (run_accuracy) in its worker."""
     job = {"runtime": "llama_cpp", "path": str(path), "device": device, "threads": threads,
            "accuracy": {"ids": str(ids_file), "text": str(text_file), "context": context, "max_windows": chunks, "bos": bos}}
-    return eval_worker(job, work, f"acc-{path.stem}")["accuracy"]
+    return eval_worker(job, f"acc-{path.stem}")["accuracy"]
 
 
 def aligned_accuracy(path: Path, ids: list[int], context: int, chunks: int, threads: int, device: str, bos: int) -> dict:
@@ -105,12 +103,12 @@ def aligned_accuracy(path: Path, ids: list[int], context: int, chunks: int, thre
     return {**metrics, "status": "done", "note": "BOS-prefixed ids (the GGUF adds BOS)"}
 
 
-def quantforge_speed(path: Path, threads: int, gen: int, device: str, work: Path) -> dict:
+def quantforge_speed(path: Path, threads: int, gen: int, device: str) -> dict:
     """The eval's speed measurement in its worker."""
     job = {"runtime": "llama_cpp", "path": str(path), "device": device, "threads": threads,
            "speed": {"prompt_lengths": [1], "decode_tokens": gen + 1, "batch_sizes": [1], "warmup": 1,
                      "min_iterations": 5, "min_seconds": 2}}
-    data = eval_worker(job, work, f"speed-{path.stem}")["speed"]
+    data = eval_worker(job, f"speed-{path.stem}")["speed"]
     if data.get("status") != "done":
         raise RuntimeError(f"speed of {path.name}: {data.get('reason')}")
     run = next(r for r in data["runs"] if r.get("status") == "done")
@@ -233,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             if add_bos:
                 ours = aligned_accuracy(f, ids, a.context, chunks, a.threads, device, int(bos))
             else:
-                ours = quantforge_accuracy(f, ids_file, text_file, a.context, chunks, a.threads, device, None, work)
+                ours = quantforge_accuracy(f, ids_file, text_file, a.context, chunks, a.threads, device, None)
             if ours.get("status") != "done":
                 print(f"{label}: quantforge's accuracy {ours.get('status')}: {ours.get('reason')}")
                 return 1
@@ -246,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             ours_r, bench_r = [], []
             for r in range(a.rounds):
                 print(f"== decode speed {label}, round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
-                ours_r.append(quantforge_speed(f, a.threads, a.gen, device, work))
+                ours_r.append(quantforge_speed(f, a.threads, a.gen, device))
                 bench_r.append(llama_bench(f, a.threads, a.gen, a.reps, ngl))
             details[f"decode {label}"] = {"quantforge": ours_r, "llama-bench": bench_r}
             check(f"decode tok/s {label} (tg{a.gen}, {device}, -t {a.threads}{' -ngl 99' if ngl else ''}; best of {a.rounds})",

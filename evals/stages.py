@@ -224,23 +224,13 @@ def run_bandwidth(ctx: StageContext, *, device: str) -> dict:
     return result
 
 
-def _worker(ctx: StageContext, name: str, job: dict) -> dict:
-    """One child process (evals.worker) for one job; its JSON result, or StageFailed."""
-    from pipeline.core.proc import crash_report, run_python
-    from pipeline.errors import StageFailed
+def _worker(ctx: StageContext, job: dict) -> dict:
+    """One child process (evals.worker) for one job; its result, or ChildFailed (a StageFailed) whose
+    two lines (how it ended and its telling line; where in Python) make the runner name the log."""
+    from pipeline.core.proc import call
 
-    job_file, out_file = ctx.out_dir / f".{name}-job.json", ctx.out_dir / f".{name}-out.json"
-    job_file.write_text(json.dumps(job, default=str))
-    try:
-        proc = run_python("evals.worker", [job_file, out_file], timeout=WORKER_TIMEOUT_S, threads=job["threads"])
-        if proc.returncode != 0 or not out_file.is_file():
-            ctx.log((proc.stderr or proc.stdout or "")[-6000:])
-            # Two lines (how it died + its telling line; where in Python): the runner names the log file.
-            raise StageFailed(crash_report(f"the {job['runtime']} worker", proc.returncode, proc.stderr + proc.stdout))
-        return json.loads(out_file.read_text())
-    finally:
-        job_file.unlink(missing_ok=True)
-        out_file.unlink(missing_ok=True)
+    return call("evals.worker", job, what=f"the {job['runtime']} worker", timeout=WORKER_TIMEOUT_S, threads=job["threads"],
+                tag=f"{job['runtime']}-job", workdir=ctx.out_dir)
 
 
 def run_model_eval(ctx: StageContext, *, path: Path, choice: RuntimeChoice, is_source: bool, suite_text: str | None = None,
@@ -285,7 +275,7 @@ def run_model_eval(ctx: StageContext, *, path: Path, choice: RuntimeChoice, is_s
         if p.get("tasks"):
             job["tasks"] = {"names": p["tasks"]["names"], "limit": p["tasks"]["limit"], "include": task_include or []}
     for runtime, job in jobs.items():
-        res = _worker(ctx, runtime, job)
+        res = _worker(ctx, job)
         for part in ("speed", "accuracy", "tasks"):
             if part in job:
                 r = res.get(part) or {"status": "failed", "reason": "no result"}

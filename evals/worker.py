@@ -1,7 +1,7 @@
 """One model, one process: speed first (so peak memory is the model's own), then accuracy, then tasks.
 
-Run by :mod:`evals.run` as ``python -m evals.worker JOB.json OUT.json``. One
-process per model rather than one per measurement halves the interpreter and
+A child of :func:`pipeline.core.proc.call` (from :mod:`evals.stages`): the request is the
+job, the result its parts' results. One process per model rather than one per measurement halves the interpreter and
 torch start-ups (tens of seconds each on a loaded 2-core machine) while keeping
 what isolation is for: a runtime that crashes takes down only this model's
 evaluation, and memory is returned to the system between models. An exception
@@ -16,7 +16,6 @@ a third process made for llama.cpp (:mod:`evals.runtimes.llamacpp_scorer`).
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -56,19 +55,13 @@ def run_job(job: dict) -> dict:
 
 def tasks_in_child(job: dict) -> dict:
     """The job's tasks in a fresh worker (this process holds llama.cpp; lm-eval cannot join it)."""
-    import tempfile
+    from pipeline.core.proc import ChildFailed, call
 
-    from pipeline.core.proc import first_error_line, how_it_ended, run_python
-
-    with tempfile.TemporaryDirectory(prefix="qf-tasks-") as tmp:
-        job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "out.json"
-        job_file.write_text(json.dumps({k: v for k, v in job.items() if k not in ("speed", "accuracy")}))
-        proc = run_python("evals.worker", [job_file, out_file], threads=job.get("threads"))
-        sys.stderr.write(proc.stderr[-20000:])  # into this stage's log
-        if proc.returncode != 0 or not out_file.is_file():
-            return {"status": "failed", "reason": f"the tasks worker ended with {how_it_ended(proc.returncode)}: "
-                                                  f"{first_error_line(proc.stderr + proc.stdout)}"}
-        return json.loads(out_file.read_text())["tasks"]
+    try:
+        return call("evals.worker", {k: v for k, v in job.items() if k not in ("speed", "accuracy")},
+                    what="the tasks worker", threads=job.get("threads"), tag="tasks-job")["tasks"]
+    except ChildFailed as exc:  # the tasks' failure, not the worker's: speed and accuracy stand
+        return {"status": "failed", "reason": str(exc)}
 
 
 def run_tasks(job: dict) -> dict:
@@ -103,15 +96,7 @@ def run_tasks(job: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.core.proc import die_with_parent
-
-    die_with_parent()
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m evals.worker JOB.json OUT.json", file=sys.stderr)
-        return 2
-    job = json.loads(Path(argv[0]).read_text())
+def handle(job: dict) -> dict:
     holds_llama_cpp = job.get("runtime") == "llama_cpp" and bool(job.get("speed") or job.get("accuracy"))
     if holds_llama_cpp:
         from pipeline.backends.llamacpp import isolate
@@ -122,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.backends.llamacpp import loaded_forbidden
 
         result["modules_beside_llama_cpp"] = loaded_forbidden()  # [] unless isolation failed
-    Path(argv[1]).write_text(json.dumps(result, indent=2))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.core.proc import serve
+
+    sys.exit(serve(handle))

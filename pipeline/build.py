@@ -150,10 +150,9 @@ def _read_config(model_dir: Path) -> dict:
 
 
 def _git_commit(where: Path) -> str | None:
-    import subprocess
+    from pipeline.core.proc import ChildFailed, run_tool
 
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
+        return run_tool(["git", "rev-parse", "HEAD"], cwd=where, timeout=5, merge=False).strip() or None
+    except ChildFailed:  # no git, or not a checkout
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -125,14 +124,15 @@ def nvidia_smi(*args: str, timeout: float = 20) -> str | None:
     llama.cpp's processes must not import)."""
     import shutil
 
+    from pipeline.core.proc import ChildFailed, run_tool
+
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
     try:
-        proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
+        return run_tool([exe, *args], timeout=timeout, merge=False)
+    except ChildFailed:  # a driver that does not answer is no driver here
         return None
-    return proc.stdout if proc.returncode == 0 else None
 
 
 @lru_cache(maxsize=1)

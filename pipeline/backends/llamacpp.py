@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version as dist_version
 from pathlib import Path
@@ -232,64 +231,49 @@ def vocab_pre_names() -> set[str]:
 
 
 def run_tool(name: str, args: Sequence[str], log: Callable[[str], None], cwd: Path | None = None) -> str:
-    """Run one tool, return its combined output; StageFailed with the output's tail on failure."""
+    """Run one tool (through :func:`pipeline.core.proc.run_tool`), return its combined output;
+    ChildFailed with how it ended, its telling line and its output's tail on failure."""
+    from pipeline.core.proc import run_tool as run_program
+
     cmd = [str(tool(name)), *map(str, args)]
     log(" ".join(cmd))
-    proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    if proc.returncode != 0:
-        raise StageFailed(f"{name} failed (exit {proc.returncode}):\n{tail(proc.stdout)}")
-    return proc.stdout
-
-
-def tail(text: str, lines: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+    return run_program(cmd, what=name, cwd=cwd)
 
 
 # ---------------------------------------------------------------- binding checks
-# Each check runs in a child process (see the module docstring) and prints one JSON line.
+# Each check is a child process (see the module docstring) speaking pipeline.core.proc's protocol.
 
 
-def _child(args: list[str], what: str, timeout: float = 600) -> dict:
+def _child(request: dict, what: str, timeout: float = 600) -> dict:
     if binding_version() is None:
         raise LlamaCppMissing(f"llama-cpp-python is not installed: {SETUP_HINT}")
-    from pipeline.core.proc import run_python
+    from pipeline.core.proc import call
 
-    proc = run_python("pipeline.backends.llamacpp", args, timeout=timeout, env={LIB_ENV: str(tools_dir())})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        raise StageFailed(f"llama.cpp could not {what} ({how}):\n{tail(proc.stderr + proc.stdout)}")
-    return json.loads(lines[-1])
+    return call("pipeline.backends.llamacpp", request, what=what, timeout=timeout, env={LIB_ENV: str(tools_dir())})
 
 
 def tokenize(gguf_file: Path, text: str) -> list[int]:
     """Token ids llama.cpp gives `text` with the GGUF's vocabulary (no BOS, special tokens as text)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
-        f.write(text)
-    try:
-        return _child(["tokenize", str(gguf_file), f.name], f"load the vocabulary of {gguf_file.name}")["ids"]
-    finally:
-        os.unlink(f.name)
+    return _child({"command": "tokenize", "path": str(gguf_file), "text": text},
+                  f"the llama.cpp check tokenizing with {gguf_file.name}")["ids"]
 
 
 def greedy_decode(gguf_file: Path, prompt: str, n_tokens: int = 8) -> dict:
     """Load a GGUF with n_threads=1 and greedily decode `n_tokens` after `prompt`."""
-    return _child(["decode", str(gguf_file), prompt, str(n_tokens)], f"load and decode {gguf_file.name}")
+    return _child({"command": "decode", "path": str(gguf_file), "prompt": prompt, "n_tokens": n_tokens},
+                  f"the llama.cpp check decoding {gguf_file.name}")
 
 
 def _load(path: str, **kw):
     return binding().Llama(model_path=path, verbose=False, **kw)
 
 
-def _cmd_tokenize(path: str, text_file: str) -> dict:
+def _cmd_tokenize(path: str, text: str) -> dict:
     llm = _load(path, vocab_only=True)
-    text = Path(text_file).read_text(encoding="utf-8")
     return {"ids": llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)}
 
 
-def _cmd_decode(path: str, prompt: str, n_tokens: str) -> dict:
+def _cmd_decode(path: str, prompt: str, n_tokens: int) -> dict:
     n = int(n_tokens)
     gpu = -1 if backend().startswith("cuda") else 0
     llm = _load(path, n_threads=1, n_threads_batch=1, n_ctx=256, seed=0, n_gpu_layers=gpu)
@@ -323,22 +307,29 @@ def server(target: str, kwargs: dict, *, stderr=None, what: str):
                   env={LIB_ENV: str(tools_dir())}, stderr=stderr, what=what)
 
 
-def main(argv: list[str]) -> int:
-    from pipeline.core.proc import die_with_parent
+def _handle(request: dict) -> dict:
+    """A check's child: llama.cpp first (:func:`isolate`), then the command of the request."""
+    isolate()  # before anything else loads numpy (see binding)
+    commands = {"tokenize": _cmd_tokenize, "decode": _cmd_decode}
+    args = {k: v for k, v in request.items() if k != "command"}
+    return commands[request["command"]](**args)
 
+
+def main(argv: list[str]) -> int:
+    from pipeline.core.proc import CHILD_FLAG, die_with_parent, serve
+
+    if argv[:1] == [CHILD_FLAG]:
+        return serve(_handle, argv)
     die_with_parent()
     if argv[:1] == ["link-libraries"]:
         print(f"llama.cpp's libraries linked into {link_libraries()}")
         return 0
-    isolate()  # before anything else loads numpy (see binding)
     if argv[:1] == ["serve"] and len(argv) == 3:
+        isolate()  # before anything else loads numpy (see binding)
         return _serve(argv[1], argv[2])
-    commands = {"tokenize": _cmd_tokenize, "decode": _cmd_decode}
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m pipeline.backends.llamacpp {{{','.join(commands)},serve,link-libraries}} ...", file=sys.stderr)
-        return 2
-    print(json.dumps(commands[argv[0]](*argv[1:])))
-    return 0
+    print(f"usage: python -m pipeline.backends.llamacpp {{link-libraries,serve MODULE:CLASS KWARGS_JSON,{CHILD_FLAG} REQUEST RESPONSE}}",
+          file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

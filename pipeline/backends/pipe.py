@@ -21,11 +21,12 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from pipeline.errors import StageFailed
+from pipeline.core.proc import ChildFailed
 
 
-class RemoteError(StageFailed):
-    """A call failed in the server process (its exception), or the server died (how, and its last lines)."""
+class RemoteError(ChildFailed):
+    """A call failed in the server process (its exception), or the server died (how, and its last lines):
+    the one failure type of child processes (:mod:`pipeline.core.proc`), for a child that answers many calls."""
 
 
 def serve(obj: Any) -> int:

@@ -447,30 +447,27 @@ SAMPLES = (
 def check_round_trip(path: Path, folder: Path, log) -> dict:
     """llama.cpp on the original GGUF and transformers on the new folder give the same ids; special
     token ids agree everywhere. In a child process: llama.cpp aborts the process on a broken vocabulary."""
-    from pipeline.core.proc import first_error_line, how_it_ended, run_python
+    from pipeline.core.proc import call
     from pipeline.backends import llamacpp
 
     why = llamacpp.missing()
     if why:
         raise StageFailed(f"checking the rebuilt tokenizer needs llama.cpp: {why}")
-    proc = run_python("pipeline.sources.gguf", ["check", path, folder], timeout=900, env={llamacpp.LIB_ENV: str(llamacpp.tools_dir())})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        log(proc.stderr[-4000:])
-        raise StageFailed(f"the tokenizer check ended with {how_it_ended(proc.returncode)}: {first_error_line(proc.stderr)}")
-    facts = json.loads(lines[-1])
+    facts = call("pipeline.sources.gguf", {"gguf": str(path), "folder": str(folder)}, what="the tokenizer check", timeout=900,
+                 env={llamacpp.LIB_ENV: str(llamacpp.tools_dir())})
     if not facts["ok"]:
         raise StageFailed(f"the Hugging Face tokenizer rebuilt from {path.name} does not match llama.cpp's: {facts['problems'][:5]}")
     log(f"tokenizer: {facts['texts']} texts tokenize identically in llama.cpp (original GGUF) and transformers (new folder)")
     return facts
 
 
-def _check_child(path: str, folder: str) -> dict:
+def _check_child(request: dict) -> dict:
     """The child's side: llama.cpp loaded first, and no transformers or torch in this process
     (see pipeline.backends.llamacpp.binding): the folder's tokenizer is read with the
     `tokenizers` library it was written with, its chat template rendered with jinja2."""
     from pipeline.backends.llamacpp import binding
 
+    path, folder = request["gguf"], request["folder"]
     llama_cpp = binding()
     from tokenizers import Tokenizer
 
@@ -516,16 +513,7 @@ def _render_chat(template: str, tok_config: dict) -> str:
                                             bos_token=tok_config.get("bos_token", ""), eos_token=tok_config.get("eos_token", ""))
 
 
-def main(argv: list[str]) -> int:
-    from pipeline.core.proc import die_with_parent
-
-    die_with_parent()
-    if len(argv) != 3 or argv[0] != "check":
-        print("usage: python -m pipeline.sources.gguf check FILE.gguf FOLDER", file=sys.stderr)
-        return 2
-    print(json.dumps(_check_child(argv[1], argv[2])))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from pipeline.core.proc import serve
+
+    sys.exit(serve(_check_child))

@@ -60,11 +60,8 @@ def test_gguf_worker_keeps_llama_cpp_alone(f32_gguf, reference, heldout_text, tm
     """A GGUF eval worker measures speed, accuracy and tasks, and no process holding llama.cpp
     ever loads torch, transformers, pyarrow, pandas or datasets: a CUDA build of llama.cpp
     aborted beside each of them (H200). Tasks run lm-eval in a child, the model in a scorer."""
-    import json
-    import subprocess
-    import sys
-
     from evals.tasks import TASKS_DIR
+    from pipeline.core.proc import call
 
     ref, d = reference
     text = tmp_path / "suite.txt"
@@ -75,11 +72,7 @@ def test_gguf_worker_keeps_llama_cpp_alone(f32_gguf, reference, heldout_text, tm
            "accuracy": {"context": 128, "max_windows": 4, "text": str(text), "ids": str(d / "ids.npy"),
                         "bos": ref["bos_id"], "reference": str(d / "reference.npz")},
            "tasks": {"names": ["kjv_word4"], "limit": 8, "include": [str(TASKS_DIR)]}}
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "evals.worker", str(tmp_path / "job.json"), str(tmp_path / "out.json")],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = call("evals.worker", job, what="the llama_cpp worker", timeout=600)
     assert {part: out[part]["status"] for part in ("speed", "accuracy", "tasks")} == dict.fromkeys(("speed", "accuracy", "tasks"), "done"), out
     assert out["accuracy"]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3)
     assert out["modules_beside_llama_cpp"] == []  # the worker: speed and accuracy

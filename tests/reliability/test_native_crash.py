@@ -9,41 +9,49 @@ line from C and call libc ``abort()``; faulthandler, on in every child, then pri
 
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
 
-from pipeline.core.proc import ABORT_ENV, ABORT_LINE, crash_report, first_error_line, run_python
+from pipeline.core.proc import ABORT_ENV, ABORT_LINE, ChildFailed, call, first_error_line
 from pipeline.core.report import read_report, report_path
 from tests.reliability.helpers import NAME, cli, recipe_text, run
 
 
 def test_a_child_aborted_from_native_code_reports_signal_native_line_and_python_frame(tmp_path):
-    job, out = tmp_path / "job.json", tmp_path / "out.json"
-    job.write_text(json.dumps({"runtime": "llama_cpp"}))
-    proc = run_python("evals.worker", [job, out], env={ABORT_ENV: str(job)}, timeout=120)
-    output = proc.stderr + proc.stdout
-    assert proc.returncode == -signal.SIGABRT, output
-    assert not out.exists()
+    with pytest.raises(ChildFailed) as err:
+        call("evals.worker", {"runtime": "llama_cpp"}, what="the llama_cpp worker", env={ABORT_ENV: "llama_cpp-job"},
+             tag="llama_cpp-job", timeout=120)
+    exc = err.value
+    output = exc.output
+    assert exc.returncode == -signal.SIGABRT and exc.error is None, output
     # What the process printed: the native line first, then faulthandler's report with a stack.
     assert ABORT_LINE in output and "Fatal Python error: Aborted" in output, output
     assert output.index(ABORT_LINE) < output.index("Fatal Python error"), output
     assert 'File "' in output.split("Fatal Python error", 1)[1], output  # faulthandler was on
     # The native line, not Python's "Fatal Python error: Aborted", is the one that tells.
-    assert first_error_line(output, proc.returncode) == ABORT_LINE
-    msg = crash_report("the llama_cpp worker", proc.returncode, output)
-    first, _, rest = msg.partition("\n")
+    assert first_error_line(output, exc.returncode) == ABORT_LINE
+    first, _, rest = str(exc).partition("\n")
     assert first == f"the llama_cpp worker ended with killed by SIGABRT (a native library aborted): {ABORT_LINE}"
-    assert rest.startswith('in Python at File "') and "proc.py" in rest, msg
+    assert rest.startswith('in Python at File "') and "proc.py" in rest, str(exc)
 
 
-def test_hook_fires_only_in_the_matching_child(tmp_path):
-    job, out = tmp_path / "job.json", tmp_path / "out.json"
-    job.write_text(json.dumps({"runtime": "transformers"}))  # no part to run: an empty result
-    proc = run_python("evals.worker", [job, out], env={ABORT_ENV: "no-such-command-line"}, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(out.read_text()) == {}
+def test_hook_fires_only_in_the_matching_child():
+    # no part to run: an empty result
+    assert call("evals.worker", {"runtime": "transformers"}, what="the worker", env={ABORT_ENV: "no-such-command-line"},
+                timeout=120) == {}
+
+
+def test_a_child_error_comes_back_as_the_same_exception_with_its_message():
+    """An exception in the child is a structured error: same exception type, the child's own message,
+    and where in Python it was raised (a second line: the runner then names the stage log)."""
+    with pytest.raises(ChildFailed) as err:
+        call("pipeline.sources.gguf", {}, what="the tokenizer check", timeout=120)  # a request without its file
+    first, _, rest = str(err.value).partition("\n")
+    assert first == "the tokenizer check failed: KeyError: 'gguf'", str(err.value)
+    assert rest.startswith('in Python at File "') and "gguf.py" in rest, str(err.value)
+    assert err.value.returncode == 1 and err.value.error["type"] == "KeyError"
+    assert "Traceback" in err.value.output  # the child's traceback went to its log
 
 
 @pytest.mark.slow
@@ -58,7 +66,7 @@ def test_eval_worker_killed_by_sigabrt_names_its_log_and_native_line(tmp_path, m
     assert built.returncode == 0, built.stdout[-3000:]
 
     with monkeypatch.context() as m:
-        m.setenv(ABORT_ENV, "llama_cpp-job")  # the job file of the llama.cpp worker (evals.stages._worker)
+        m.setenv(ABORT_ENV, "llama_cpp-job")  # the request file of the llama.cpp worker (evals.stages._worker)
         ev = run(cli("eval", recipe, "--artifacts-dir", artifacts, "--device", "cpu"), tmp_path / "eval.log")
     assert ev.returncode == 1, ev.stdout[-3000:]
     assert "Traceback" not in ev.stdout, ev.stdout[-3000:]

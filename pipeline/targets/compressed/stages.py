@@ -442,31 +442,19 @@ def model_card(target, model_class: str, dtype: str, source, quant_config: dict)
 
 
 # ------------------------------------------------------------ verification
-def verify_args(folder: Path, source_dir: Path, target, calibration_dir: Path | None, threads: int) -> list[str]:
-    """Arguments of ``python -m pipeline.targets.compressed.verify``."""
-    args = [str(folder), "--source", str(source_dir), "--threads", str(threads)]
-    if isinstance(target, Fp8Target):
-        args += ["--expect-bits", "8", "--expect-type", "float"]
-    else:
-        args += ["--expect-bits", str(target.bits), "--expect-type", "int"]
-    for name in target.ignore:
-        args += ["--ignore", name]
-    if calibration_dir is not None:
-        args += ["--calibration", str(calibration_dir)]
-    return args
+def verify_request(folder: Path, source_dir: Path, target, calibration_dir: Path | None, threads: int) -> dict:
+    """The request of the verifier child (:mod:`pipeline.targets.compressed.verify`)."""
+    fp8 = isinstance(target, Fp8Target)
+    return {"folder": str(folder), "source": str(source_dir), "threads": threads, "ignore": list(target.ignore),
+            "calibration": str(calibration_dir) if calibration_dir is not None else None,
+            "expect_bits": 8 if fp8 else target.bits, "expect_type": "float" if fp8 else "int"}
 
 
-def run_verification(args: list[str], log) -> dict:
-    """Run the verifier in a fresh process (it must see the folder as a user would); its last stdout line is JSON."""
-    from pipeline.core.proc import first_error_line, how_it_ended, run_python
+def run_verification(request: dict, log) -> dict:
+    """Run the verifier in a fresh process (it must see the folder as a user would); its report."""
+    from pipeline.core.proc import call
 
-    proc = run_python(VERIFY_MODULE, args, timeout=VERIFY_TIMEOUT_S)
-    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
-    if proc.returncode not in (0, 1) or not lines:
-        output = proc.stderr + proc.stdout
-        log(output[-4000:])
-        raise StageFailed(f"verification crashed ({how_it_ended(proc.returncode)}): {first_error_line(output)}")
-    report = json.loads(lines[-1])
+    report = call(VERIFY_MODULE, request, what="verification", timeout=VERIFY_TIMEOUT_S)
     for problem in report.get("failures", []):
         log(f"verify: {problem}")
     return report
@@ -524,7 +512,7 @@ def run_compressed_stage(ctx: StageContext) -> dict:
     (out_dir / "README.md").write_text(model_card(target, facts["model_class"], dtype, source_identity(source), quant_config))
     t = time.perf_counter()
     threads = facts["placement"]["threads"]
-    report = run_verification(verify_args(out_dir, source.model_dir, target, calibration_dir, threads), ctx.log)
+    report = run_verification(verify_request(out_dir, source.model_dir, target, calibration_dir, threads), ctx.log)
     facts["verify_s"] = round(time.perf_counter() - t, 3)
     if not report.get("ok"):
         raise StageFailed(f"stage {stage.name}: the saved checkpoint failed verification:\n" + "\n".join(f"  - {f}" for f in report.get("failures", [])))

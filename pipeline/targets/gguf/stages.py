@@ -212,10 +212,9 @@ def run_convert(ctx: StageContext, target_index: int | str = "<i>", check_text: 
 
         working = suggest_pre_tokenizers(model_dir, check_text, ctx.out_dir, ctx.log)
         raise StageFailed(_pre_tokenizer_message(ctx.stage.target, target_index, exc.chkhsh, working)) from None
-    ctx.log(conv.output)  # the converter's own log (a child process: its output came back through a pipe)
     ctx.log(f"converted: pre-tokenizer {conv.pre_tokenizer or '(not BPE)'}; detected {conv.detected_pre_tokenizer}; chkhsh {conv.chkhsh}")
     if conv.tokenization is None or conv.ollama is None:
-        raise StageFailed(f"the converter process reported no tokenizer check:\n{llamacpp.tail(conv.output)}")
+        raise StageFailed("the converter process reported no tokenizer check (its output is in this stage's log)")
     if not conv.tokenization["equal"]:
         raise StageFailed(tokenization_error(conv.tokenization, p["pre_tokenizer"]))
     info = read_gguf(out_file)
@@ -294,6 +293,7 @@ def tokenization_sample(held_out: str) -> str:
 # ================================================================== imatrix
 def run_imatrix(ctx: StageContext) -> dict:
     from pipeline.backends import llamacpp
+    from pipeline.core.proc import tail
     from pipeline.data.calibration import load_calibration
 
     base = _base_file(ctx)
@@ -317,7 +317,7 @@ def run_imatrix(ctx: StageContext) -> dict:
         text_file.unlink(missing_ok=True)
     ctx.log(output)
     if not out_file.is_file():
-        raise StageFailed(f"llama-imatrix wrote no {IMATRIX_FILE}:\n{llamacpp.tail(output)}")
+        raise StageFailed(f"llama-imatrix wrote no {IMATRIX_FILE}:\n{tail(output)}")
     info = read_imatrix(out_file)
     return {"file": IMATRIX_FILE, "seq_len": seq_len, "samples": len(cal.texts), "threads": threads(), **info, "llama_cpp": llamacpp.version()}
 
@@ -333,6 +333,7 @@ def read_imatrix(path: Path) -> dict:
 # ================================================================== quantize
 def run_quantize(ctx: StageContext) -> dict:
     from pipeline.backends import llamacpp
+    from pipeline.core.proc import tail
     from pipeline.targets.gguf.modelfile import OllamaSpec, modelfile_text
 
     p = ctx.stage.params
@@ -360,7 +361,7 @@ def run_quantize(ctx: StageContext) -> dict:
                                cwd=imatrix.path if imatrix is not None else None)
     ctx.log(output)
     if not out_file.is_file():
-        raise StageFailed(f"llama-quantize wrote no {out_name}:\n{llamacpp.tail(output)}")
+        raise StageFailed(f"llama-quantize wrote no {out_name}:\n{tail(output)}")
     info = read_gguf(out_file)
     check_metadata_kept(base_out.result["metadata"], info["metadata"], quant)
     if info["file_type"] != quant:

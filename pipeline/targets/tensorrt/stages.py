@@ -34,7 +34,6 @@ import functools
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -254,6 +253,7 @@ def run_engine(ctx: StageContext, *, settings_dict: dict) -> dict:
     import tempfile
     import time
 
+    from pipeline.core.proc import call, run_tool
     from pipeline.targets.tensorrt.checkpoint import copy_tokenizer
     from pipeline.targets.tensorrt.settings import TrtBuildSettings
 
@@ -266,11 +266,9 @@ def run_engine(ctx: StageContext, *, settings_dict: dict) -> dict:
     ctx.log("running " + " ".join(args))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:  # trtllm-build writes its timing cache to the cwd
-        proc = subprocess.run(args, cwd=scratch, capture_output=True, text=True)
+        output = run_tool(args, what="trtllm-build", cwd=scratch)
     secs = time.perf_counter() - t0
-    (Path(ctx.out_dir) / "build.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise StageFailed(f"trtllm-build failed (exit {proc.returncode}):\n" + (proc.stdout + proc.stderr)[-3000:])
+    (Path(ctx.out_dir) / "build.log").write_text(output)
     cfg_path = Path(ctx.out_dir) / "config.json"
     engines = sorted(p.name for p in Path(ctx.out_dir).glob("rank*.engine"))
     if not cfg_path.is_file() or len(engines) != settings.world_size:
@@ -287,13 +285,8 @@ def run_engine(ctx: StageContext, *, settings_dict: dict) -> dict:
     if problems:
         raise StageFailed("engine does not match the build settings: " + "; ".join(problems))
     copy_tokenizer(ctx.inputs["source"].model_dir, ctx.out_dir)
-    from pipeline.core.proc import first_error_line, run_python
-
-    smoke = run_python("pipeline.targets.tensorrt.smoke", [ctx.out_dir])
-    if smoke.returncode != 0:
-        ctx.log(smoke.stderr[-4000:])
-        raise StageFailed("the engine does not load/generate in TensorRT-LLM's TensorRT backend: " + first_error_line(smoke.stderr))
-    sample = json.loads(smoke.stdout.strip().splitlines()[-1])
+    sample = call("pipeline.targets.tensorrt.smoke", {"engine_dir": str(ctx.out_dir)},
+                  what="the engine's load-and-generate check in TensorRT-LLM's TensorRT backend")
     (Path(ctx.out_dir) / "README.md").write_text(
         f"# TensorRT-LLM engine ({settings.quant_algo or 'unquantized'})\n\n"
         f"Built by trtllm-build (tensorrt-llm {trtllm_version()}, TensorRT {tensorrt_version()}) on {device_fingerprint()}.\n"
