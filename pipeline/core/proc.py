@@ -350,6 +350,25 @@ def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+#: Run first in place of an external program: asks the kernel to end it with the process that
+#: started it (PR_SET_PDEATHSIG survives exec for ordinary binaries), then becomes the program.
+#: Python children do this themselves (die_with_parent); a compiled tool cannot, and
+#: ``preexec_fn`` is unsafe in a parent running threads, as torch does.
+LAUNCH_FAILED = "quantforge-launch: "  # the launcher's line when the program itself cannot start
+_LAUNCHER = ("import ctypes, os, signal, sys\n"
+             "ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL)\n"  # 1 = PR_SET_PDEATHSIG
+             "os.getppid() == 1 and os._exit(1)\n"  # the parent died before the call above
+             "try:\n"
+             "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+             "except OSError as exc:\n"
+             f"    sys.stderr.write('{LAUNCH_FAILED}' + str(exc) + '\\n')\n"
+             "    os._exit(127)\n")
+
+
+def _dying_with_us(cmd: list[str]) -> list[str]:
+    return [sys.executable, "-S", "-c", _LAUNCHER, *cmd] if sys.platform.startswith("linux") else cmd
+
+
 def run_tool(cmd: Sequence[object], *, what: str | None = None, timeout: float | None = None, cwd: Path | None = None,
              merge: bool = True) -> str:
     """Run an external program (llama.cpp's tools, nvidia-smi, trtllm-build, git); its output: stdout
@@ -363,7 +382,7 @@ def run_tool(cmd: Sequence[object], *, what: str | None = None, timeout: float |
     cmd = [str(c) for c in cmd]
     what = what or Path(cmd[0]).name
     try:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+        proc = subprocess.run(_dying_with_us(cmd), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
                               text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         output = _text(exc.output) + _text(exc.stderr)
@@ -371,6 +390,9 @@ def run_tool(cmd: Sequence[object], *, what: str | None = None, timeout: float |
                           output=output) from None
     except OSError as exc:
         raise ChildFailed(f"{what} could not start: {exc}") from None
+    if proc.returncode == 127 and LAUNCH_FAILED in (proc.stderr or proc.stdout or ""):
+        why = (proc.stderr or proc.stdout).split(LAUNCH_FAILED, 1)[1].strip()
+        raise ChildFailed(f"{what} could not start: {why}")
     if proc.returncode != 0:
         output = proc.stdout + (proc.stderr or "")
         raise ChildFailed(f"{what} ended with {how_it_ended(proc.returncode)}: {first_error_line(output, proc.returncode)}\n"
