@@ -73,7 +73,9 @@ class KindDeclaration:
     planner: str  # "module:function" -> list[Stage]; imported only when planning
     summary: str
     formats: tuple[ArtifactFormat, ...]
-    ci_runner: Literal["cpu", "gpu"]  # the runner class CI builds it on (.github/runners.yml maps classes to labels)
+    #: the runner class CI builds it on: a key of build.classes in .github/runners.yml, which maps classes
+    #: to runner labels (data: a new class is a line there, tests/ci checks every kind's class is one)
+    ci_runner: str
     libraries: tuple[str, ...] = field(default=())  # Python distributions its stages import
     #: the distributions a build of this kind cannot do without, and the quantforge extra that
     #: installs them (`pip install 'quantforge[<extra>]'`; `make setup` installs every extra)
