@@ -35,16 +35,18 @@ KEY_LEN = 24
 
 # Digests of files this process has read, keyed by what changes when a file does: device, inode,
 # size, modification and status-change times (ctime cannot be set back by a user, so an edit that
-# restores mtime still misses the cache). A run reads the same files several times (a source's
-# fingerprint and its manifest; an artifact's hit check, tamper check and registration): each is
-# hashed once. HASHED counts the files actually read, for benchmarks and tests.
+# restores mtime still misses the cache). Not by path: the store renames a finished temp folder into
+# place, and a path key would read every new file twice; hard links (a budget target's winner) share
+# an inode and so a digest. A run reads the same files several times (a source's fingerprint and its
+# manifest; an artifact's hit check, tamper check and registration): each is hashed once. HASHED
+# counts the files actually read, for benchmarks and tests.
 _DIGESTS: dict[tuple, str] = {}
 HASHED = {"files": 0, "bytes": 0, "cached": 0}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     st = os.stat(path)
-    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key in _DIGESTS:
         HASHED["cached"] += 1
         return _DIGESTS[key]
