@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("recipe", nargs="?", default="recipes/tiny.yaml")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--no-register", action="store_true", help="build and eval only (registration re-reads its uploaded copies)")
     ap.add_argument("--repo", type=Path, default=REPO, help="the quantforge checkout to run (another commit's, to compare)")
     a = ap.parse_args(argv)
     repo = a.repo.resolve()
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                "PYTHONPATH": os.pathsep.join([str(tmp / "site"), str(repo), os.environ.get("PYTHONPATH", "")])}
         artifacts = tmp / "artifacts"
         t0 = time.perf_counter()
+        register = ["--no-register"] if a.no_register else ["--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
         proc = subprocess.run([sys.executable, "-m", "pipeline.cli.main", "run", a.recipe, "--artifacts-dir", str(artifacts),
-                               "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"], cwd=repo, env=env, capture_output=True, text=True)
+                               *register], cwd=repo, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t0
         if proc.returncode not in (0, 3):  # 3: an artifact failed its gate, which hashing does not care about
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             by_command[r[2] if len(r) > 2 else "?"] = by_command.get(r[2] if len(r) > 2 else "?", 0) + int(r[1])
         hashed, stored = sum(per_process), store_bytes(artifacts)
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    out = {"recipe": a.recipe, "commit": commit, "exit": proc.returncode, "seconds": round(seconds, 1), "processes_hashing": len(per_process),
+    out = {"recipe": a.recipe, "commit": commit, "registered": not a.no_register, "exit": proc.returncode, "seconds": round(seconds, 1), "processes_hashing": len(per_process),
            "sha256_bytes": hashed, "store_bytes": stored, "reads_per_stored_byte": round(hashed / stored, 2) if stored else None,
            "sha256_bytes_by_process": dict(sorted(by_command.items(), key=lambda kv: -kv[1]))}
     print(json.dumps(out, indent=2))
