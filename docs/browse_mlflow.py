@@ -54,6 +54,11 @@ SCRIPT = REPO / "scripts" / "mlflow_server.sh"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from evals.table import columns  # noqa: E402 - the one table model every surface renders
+
+#: how the per-device table starts wherever it is written (its first column's header)
+TABLE_HEAD = f"| {columns()[0].header} |"
+
 # Flags from the machine notes: without the background-networking ones Chromium keeps
 # trying Google hosts that this closed network refuses.
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -288,8 +293,8 @@ class Registry:
                      "view, not the runs table (expected 'custom_model_development')")
         if not self.note:
             p.append(f"the build run {self.build_id} has no description (mlflow.note.content): the results table is missing")
-        elif not self.devices or "| model |" not in self.note:
-            p.append(f"the build run's description has no results table per device (### <device> and a | model | ... table):\n{self.note[:400]}")
+        elif not self.devices or TABLE_HEAD not in self.note:
+            p.append(f"the build run's description has no results table per device (### <device> and a {TABLE_HEAD} ... table):\n{self.note[:400]}")
         if not self.children:
             p.append(f"the build run {self.build_id} has no artifact runs under it")
         else:
