@@ -18,9 +18,11 @@ from pipeline.core.report import EvalEntry, Report
 
 PAGE = "report.html"
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;color:#1b1f24;padding:0 1em}
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1440px;color:#1b1f24;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
-table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums;font-size:.92em}
+/* sixteen columns: the table scrolls inside its own box rather than past the page's edge */
+.wide{overflow-x:auto}
 th,td{border:1px solid #d0d7de;padding:.3em .6em;text-align:right}th{background:#f6f8fa}
 td:not(.l){white-space:nowrap}figure{margin:1em 0}figcaption{max-width:1100px}
 td.l,th.l{text-align:left}tr.recommended{background:#dafbe1;font-weight:600}tr.source{background:#f6f8fa}
@@ -56,8 +58,8 @@ def _results(report: Report, device: str) -> str:
     for r, row in zip(t.records, t.rows):
         cls = "source" if r["artifact"] == "source" and r["gate"] == "baseline" else ("recommended" if r["recommended"] else "")
         body.append(f'<tr class="{cls}">' + "".join(td(c, r, row[c.key]) for c in table.COLUMNS) + "</tr>")
-    return (f"<table class='results' data-device='{_e(device)}'><thead><tr>{head}</tr></thead><tbody>"
-            + "".join(body) + "</tbody></table>")
+    return (f"<div class='wide'><table class='results' data-device='{_e(device)}'><thead><tr>{head}</tr></thead><tbody>"
+            + "".join(body) + "</tbody></table></div>")
 
 
 def _tasks(report: Report, device: str) -> str:
