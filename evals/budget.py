@@ -44,7 +44,8 @@ def _candidate_stages(target, ctx) -> list[tuple[str, list[Stage]]]:
         for s in stages:
             s.name = renames[s.name]
             s.inputs = {k: renames.get(v, v) for k, v in s.inputs.items()}
-            # `build --target best` builds them; their name (the candidate's) stays in the run function's reach
+            # `build --target best` builds them, and a kind's run function rebuilds its target under this
+            # name (a valid target name, which the winner's model card then carries)
             s.target = target.name
             if s.artifact is not None:
                 s.artifact = replace(s.artifact, internal=True)
