@@ -21,7 +21,9 @@ from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
+from evals import table
 from pipeline.core.stage import ArtifactInfo, Stage, StageContext
+from pipeline.core.store import MANIFEST
 from pipeline.errors import InvalidInput, StageFailed
 
 VERSION = "1"
@@ -31,8 +33,8 @@ METRICS = {"kl": ("kl_mean", "kl_mean_err", "mean KL divergence"), "ppl": ("ppl_
 
 
 # ------------------------------------------------------------------ planning
-def _candidate_stages(target, ctx) -> list[tuple[str, list[Stage]]]:
-    """Each candidate planned by its own kind, renamed under ``<target>/candidates/<j>/``."""
+def _candidate_stages(target, ctx) -> list[tuple[int, list[Stage]]]:
+    """Each candidate (its index, its stages) planned by its own kind, renamed under ``<target>/candidates/<j>/``."""
     from pipeline.targets import planner_for
 
     planned = []
@@ -49,7 +51,7 @@ def _candidate_stages(target, ctx) -> list[tuple[str, list[Stage]]]:
             s.target = target.name
             if s.artifact is not None:
                 s.artifact = replace(s.artifact, internal=True)
-        planned.append((cand.name, stages))
+        planned.append((j, stages))
     return planned
 
 
@@ -99,12 +101,11 @@ def plan_stages(target, ctx) -> list[Stage]:
     budget = {"max_bpw": target.max_bpw, "max_size_mib": target.max_size_mib}
     picks: dict[str, str] = {}
     labels = []
-    for cand_name, cs in candidates:
-        j = cand_name.rsplit("-", 1)[1]
+    for j, cs in candidates:
         for s in cs:
             if s.artifact is None:
                 continue
-            label = f"{j}-{s.artifact.variant}" if s.artifact.variant else j
+            label = f"{j}-{s.artifact.variant}" if s.artifact.variant else str(j)
             choice = choose_runtimes(s.artifact.kind, device)
             score = Stage(
                 name=f"{target.name}/select/{device}/{label}",
@@ -122,7 +123,7 @@ def plan_stages(target, ctx) -> list[Stage]:
             stages.append(score)
             picks[f"build:{label}"] = s.name
             picks[f"score:{label}"] = score.name
-            labels.append({"label": label, "built_by": s.description, "config": target.candidates[int(j)], **asdict(s.artifact)})
+            labels.append({"label": label, "built_by": s.description, "config": target.candidates[j], **asdict(s.artifact)})
     what = f"<= {target.max_bpw} linear-layer bpw" if target.max_bpw is not None else f"<= {target.max_size_mib} MiB"
     stages.append(Stage(
         name=f"{target.name}/pick",
@@ -149,14 +150,16 @@ def run_reference(ctx: StageContext, *, choice, suite_text: str, device: str) ->
 
 
 def _within(budget: dict, bpw: float | None, mib: float) -> tuple[bool, str]:
-    """Whether a candidate fits, compared as the table prints it: bits to two decimals, MiB to one.
-    (W4A16 group 32 stores 4.5003 bits per weight with its packed-shape tensors: a user who asks
-    for 4.5 means it.)"""
+    """Whether a candidate fits, compared as the table prints it (its own formatters): W4A16 group
+    32 stores 4.5003 bits per weight with its packed-shape tensors, and a user who asks for 4.5
+    means it."""
     if budget.get("max_bpw") is not None:
         if bpw is None:
             return False, "its bits per weight cannot be counted from its files"
-        return round(bpw, 2) <= budget["max_bpw"], f"{bpw:.2f} linear-layer bpw against {budget['max_bpw']:g}"
-    return round(mib, 1) <= budget["max_size_mib"], f"{mib:.1f} MiB against {budget['max_size_mib']:g}"
+        shown = table.bpw(bpw)
+        return float(shown) <= budget["max_bpw"], f"{shown} linear-layer bpw against {budget['max_bpw']:g}"
+    shown = table.num(mib, ".1f")
+    return float(shown) <= budget["max_size_mib"], f"{shown} MiB against {budget['max_size_mib']:g}"
 
 
 def run_score(ctx: StageContext, *, choice, suite_text: str, device: str) -> dict:
@@ -181,7 +184,7 @@ def _link_tree(src: Path, dst: Path) -> None:
     system allows, copies elsewhere."""
     for f in sorted(src.rglob("*")):
         rel = f.relative_to(src)
-        if f.name == "manifest.json" and f.parent == src:
+        if f.name == MANIFEST and f.parent == src:
             continue
         if f.is_dir():
             (dst / rel).mkdir(parents=True, exist_ok=True)
@@ -216,7 +219,8 @@ def run_pick(ctx: StageContext, *, candidates: list[dict], name: str) -> dict:
     ranked = rank(rows, p["metric"])
     budget = f"{p['max_bpw']} linear-layer bpw" if p.get("max_bpw") is not None else f"{p['max_size_mib']} MiB"
     if not ranked:
-        smallest = min(rows, key=lambda r: r.get("bpw_linear") or math.inf)
+        measure = "bpw_linear" if p.get("max_bpw") is not None else "mib"
+        smallest = min(rows, key=lambda r: r.get(measure) or math.inf)
         raise StageFailed(f"no candidate is within {budget}: the smallest is {smallest['label']} ({smallest['budget_check']})")
     best = ranked[0]
     why = f"{best['built_by']}: the lowest {what} ({best[key]:.4g} ± {best[err] or 0:.2g}) of the {len(ranked)} candidates within {budget}"

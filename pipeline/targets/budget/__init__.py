@@ -80,7 +80,7 @@ class BudgetTarget(TargetBase):
         out = []
         for j, raw in enumerate(self.candidates):
             where = ("candidates", j)
-            kind = raw.get("kind") if isinstance(raw, dict) else None
+            kind = raw.get("kind")
             if not isinstance(kind, str):
                 out.append((j, None, [((*where, "kind"), "a candidate needs a `kind:` (gptq, awq, autoround, fp8, gguf, ...)")]))
                 continue
@@ -108,7 +108,6 @@ class BudgetTarget(TargetBase):
         from pipeline.targets import declaration
 
         device_class = Device.parse(self.device).kind
-
         here = ("targets", ctx.index)
         found: list[Found] = []
         for j, target, errors in self.candidate_targets():
@@ -122,15 +121,12 @@ class BudgetTarget(TargetBase):
                 found.append(((*here, "candidates", j, "kind"),
                               f"{target.kind} artifacts have no eval runtime on {self.device}: the candidate could not be scored there"))
             # The candidate's own checks, located under this candidate.
-            sub = CheckContext(recipe=ctx.recipe, index=ctx.index, source_config=ctx.source_config)
-            for loc, msg in target.problems(sub):
+            for loc, msg in target.problems(ctx):
                 if loc[:2] == here:
                     loc = (*here, "candidates", j, *loc[2:])
                     # a kind's message names its own fields as targets.<i>.<field>
                     msg = msg.replace(f"targets.{ctx.index}.", f"targets.{ctx.index}.candidates.{j}.")
                 found.append((loc, msg))
-        if not found and not any(1 for _ in self.candidate_targets()):
-            found.append(((*here, "candidates"), "no candidates"))
         return found
 
 
