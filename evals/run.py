@@ -23,16 +23,12 @@ from typing import Callable
 
 from pipeline.core.report import DeviceInfo, EvalEntry, Metrics, Report, read_report, report_path, updating
 from pipeline.core.runner import StageResult, stage_keys
+from pipeline.core.store import stored_bytes
 from pipeline.executors import execute
 from pipeline.errors import InvalidInput
 from pipeline.recipe import LoadedRecipe
 
 Log = Callable[[str], None]
-
-
-def _dir_bytes(path: Path) -> int:
-    p = Path(path)
-    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name != "manifest.json")
 
 
 def changed_artifacts(report: Report) -> dict[str, str]:
@@ -140,7 +136,7 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
     bandwidth = bw.output.result if bw and bw.output else {}
     from evals.roofline import stored_bytes_per_token
 
-    source_size = _dir_bytes(Path(report.source.path))
+    source_size = stored_bytes(Path(report.source.path))
     baseline = entry_from(results[f"eval/{device}/source"], None, bandwidth, source_size,
                           stored_bytes_per_token(Path(report.source.path)))
     entries: dict[str, EvalEntry] = {}
@@ -152,7 +148,7 @@ def evaluate_device(loaded: LoadedRecipe, artifacts_dir: Path, device: str, repo
         res = results.get(f"eval/{device}/{a.name}")
         if res is None:
             continue
-        entries[a.name] = entry_from(res, baseline, bandwidth, a.bytes or _dir_bytes(Path(a.path)),
+        entries[a.name] = entry_from(res, baseline, bandwidth, a.bytes or stored_bytes(Path(a.path)),
                                      stored_bytes_per_token(Path(a.path)))
     if spec.tasks:
         from evals.tasks import attach_scores

@@ -82,7 +82,7 @@ def measure(runtime_name: str, path: Path, device: str, threads: int, prompt_len
             decode_tokens: int, batch_sizes: list[int], warmup: int, min_iterations: int,
             min_seconds: float) -> dict:
     from evals.runtimes import get_runtime
-    from pipeline.core.store import MANIFEST
+    from pipeline.core.store import stored_bytes
 
     rt = get_runtime(runtime_name)
     t0 = time.perf_counter()
@@ -120,10 +120,9 @@ def measure(runtime_name: str, path: Path, device: str, threads: int, prompt_len
         "min_seconds": min_seconds,
         "runs": runs,
         "peak_rss_mib": round(peak_rss_mib(), 1),
-        # sizes from stat: hashing every file (as the store's file table does) only to add sizes read
-        # each artifact once more per eval
-        "artifact_bytes": (sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file() and p.name != MANIFEST)
-                           if Path(path).is_dir() else Path(path).stat().st_size),
+        # by stat: hashing every file (as the store's file table does) only to add sizes read each
+        # artifact once more per eval
+        "artifact_bytes": stored_bytes(Path(path)),
         **{k: v for k, v in session.info.items()},
     }
     if Device.of(device).on_gpu:

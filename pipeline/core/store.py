@@ -69,6 +69,12 @@ def file_table(root: Path) -> list[dict]:
     return rows
 
 
+def stored_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder but its manifest, by stat (no hashing)."""
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name != MANIFEST)
+
+
 def content_hash(files: list[dict]) -> str:
     """One hash over a file table: equal artifacts have equal content hashes."""
     h = hashlib.sha256()
