@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evals.table import COLUMNS, Column, cells, done_devices, for_device, legend, records  # noqa: F401 - the model, re-exported
+from evals.table import COLUMNS, done_devices, for_device, legend, records
 from pipeline.core.report import Report
 
 FORMATS = ("table", "markdown", "csv", "json")

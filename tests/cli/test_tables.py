@@ -49,7 +49,7 @@ def test_results_table_fits_80_columns(real_report, report_file):  # noqa: F811
 
 
 def test_wide_shows_every_column(report_file):
-    from evals.present import COLUMNS
+    from evals.table import COLUMNS
 
     r = cli("report", str(report_file), "--wide", columns=80)
     assert r.exit_code == 0, r.output
@@ -60,7 +60,7 @@ def test_wide_shows_every_column(report_file):
 
 
 def test_formats_carry_every_column_with_the_reports_numbers(real_report, report_file):  # noqa: F811
-    from evals.present import COLUMNS
+    from evals.table import COLUMNS
 
     rows = list(csv.DictReader(io.StringIO(cli("report", str(report_file), "--format", "csv").output)))
     assert [r["artifact"] for r in rows] == ["source"] + [a.name for a in real_report.built()]
